@@ -1,0 +1,41 @@
+// loraserve.v1.Inference over the gRPC callback API. Handlers never block: each takes a drain
+// ticket (UNAVAILABLE while draining; GetModelInfo answers in every state), answers from
+// immutable server state, and returns.
+#ifndef LORASERVE_SERVER_GRPC_INFERENCE_SERVICE_H_
+#define LORASERVE_SERVER_GRPC_INFERENCE_SERVICE_H_
+
+#include "loraserve/v1/inference.grpc.pb.h"
+#include "server/drain.h"
+#include "server/server_state.h"
+
+namespace ls {
+
+// Thread-safe; `state` and `gate` must outlive the service.
+class InferenceService final : public loraserve::v1::Inference::CallbackService {
+ public:
+  InferenceService(const ServerState* state, DrainGate* gate) : state_(state), gate_(gate) {}
+
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
+                                     const loraserve::v1::GenerateRequest* request,
+                                     loraserve::v1::GenerateResponse* response) override;
+  grpc::ServerWriteReactor<loraserve::v1::GenerateChunk>* GenerateStream(
+      grpc::CallbackServerContext* context,
+      const loraserve::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const loraserve::v1::TokenizeRequest* request,
+                                     loraserve::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const loraserve::v1::DetokenizeRequest* request,
+                                       loraserve::v1::DetokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const loraserve::v1::GetModelInfoRequest* request,
+                                         loraserve::v1::GetModelInfoResponse* response) override;
+
+ private:
+  const ServerState* state_;
+  DrainGate* gate_;
+};
+
+}  // namespace ls
+
+#endif  // LORASERVE_SERVER_GRPC_INFERENCE_SERVICE_H_

@@ -1,0 +1,119 @@
+#include "server/options.h"
+
+#include <filesystem>
+
+#include "absl/flags/flag.h"
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+
+ABSL_FLAG(std::string, address, "0.0.0.0:50051",
+          "gRPC listen address, host:port ([v6]:port for IPv6); port 0 picks a free port");
+ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9464",
+          "Prometheus /metrics listen address, host:port; port 0 picks a free port");
+ABSL_FLAG(bool, enable_reflection, true, "Serve gRPC server reflection (grpcurl and friends)");
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json, *.safetensors)");
+ABSL_FLAG(std::string, backend, "cpu", "Compute backend: cpu or cuda");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "On SIGTERM/SIGINT, how long in-flight RPCs may run before they are cancelled");
+ABSL_FLAG(int64_t, max_receive_message_bytes, 4 << 20,
+          "Largest gRPC message the server accepts, in bytes (uploads stream in chunks)");
+
+namespace ls {
+
+absl::string_view BackendName(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::kCpu:
+      return "cpu";
+    case BackendKind::kCuda:
+      return "cuda";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<HostPort> ParseHostPort(absl::string_view text, absl::string_view flag) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, "=", text, ": ", why, " (expected host:port, e.g. 0.0.0.0:50051 or [::]:50051)"));
+  };
+  const size_t colon = text.rfind(':');
+  if (colon == absl::string_view::npos) return bad("no port");
+  absl::string_view host = text.substr(0, colon);
+  const absl::string_view port_text = text.substr(colon + 1);
+  if (!host.empty() && host.front() == '[') {
+    if (host.size() < 3 || host.back() != ']') return bad("unbalanced brackets");
+    host = host.substr(1, host.size() - 2);
+  } else if (host.find(':') != absl::string_view::npos) {
+    return bad("IPv6 hosts must be in brackets");
+  }
+  if (host.empty()) return bad("empty host");
+  int port = 0;
+  if (port_text.empty() || !absl::SimpleAtoi(port_text, &port) || port < 0 || port > 65535 ||
+      port_text.find_first_not_of("0123456789") != absl::string_view::npos) {
+    return bad("port must be an integer in [0, 65535]");
+  }
+  return HostPort{std::string(host), port};
+}
+
+std::string FormatHostPort(const std::string& host, int port) {
+  if (host.find(':') != std::string::npos) return absl::StrCat("[", host, "]:", port);
+  return absl::StrCat(host, ":", port);
+}
+
+absl::Status ServerOptions::Validate() const {
+  LS_ASSIGN_OR_RETURN(HostPort grpc, ParseHostPort(address, "address"));
+  LS_ASSIGN_OR_RETURN(HostPort metrics, ParseHostPort(metrics_address, "metrics_address"));
+  if (grpc.port != 0 && grpc.port == metrics.port && grpc.host == metrics.host) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--address and --metrics_address are both ", address));
+  }
+  if (!model_dir.empty()) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(model_dir, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--model=", model_dir, ": not a directory"));
+    }
+  }
+  if (drain_timeout < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--drain_timeout=", absl::FormatDuration(drain_timeout), ": must be >= 0"));
+  }
+  if (max_receive_message_bytes < 1024 || max_receive_message_bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_receive_message_bytes=", max_receive_message_bytes, ": must be in [1024, 2^30]"));
+  }
+  return absl::OkStatus();
+}
+
+std::string ServerOptions::ToString() const {
+  return absl::StrFormat(
+      "address=%s metrics_address=%s enable_reflection=%v model=%s backend=%s "
+      "drain_timeout=%s max_receive_message_bytes=%d",
+      address, metrics_address, enable_reflection, model_dir.empty() ? "(none)" : model_dir,
+      BackendName(backend), absl::FormatDuration(drain_timeout), max_receive_message_bytes);
+}
+
+absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
+  ServerOptions o;
+  o.address = absl::GetFlag(FLAGS_address);
+  o.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  o.enable_reflection = absl::GetFlag(FLAGS_enable_reflection);
+  o.model_dir = absl::GetFlag(FLAGS_model);
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  if (backend == "cpu") {
+    o.backend = BackendKind::kCpu;
+  } else if (backend == "cuda") {
+    o.backend = BackendKind::kCuda;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend=", backend, ": expected cpu or cuda"));
+  }
+  o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  o.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  LS_RETURN_IF_ERROR(o.Validate());
+  return o;
+}
+
+}  // namespace ls

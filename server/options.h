@@ -1,0 +1,50 @@
+// Server configuration: every flag lands in one ServerOptions, validated once at start and
+// logged, so what a running server does is decided by this struct alone.
+#ifndef LORASERVE_SERVER_OPTIONS_H_
+#define LORASERVE_SERVER_OPTIONS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace ls {
+
+enum class BackendKind { kCpu, kCuda };
+
+absl::string_view BackendName(BackendKind kind);
+
+// A listening address "host:port" split up. IPv6 hosts are written in brackets ("[::]:50051").
+struct HostPort {
+  std::string host;
+  int port = 0;  // 0 = pick a free port
+};
+
+// Parses "host:port" / "[v6]:port"; INVALID_ARGUMENT naming `flag` when malformed.
+absl::StatusOr<HostPort> ParseHostPort(absl::string_view text, absl::string_view flag);
+std::string FormatHostPort(const std::string& host, int port);
+
+struct ServerOptions {
+  std::string address = "0.0.0.0:50051";        // gRPC listener
+  std::string metrics_address = "0.0.0.0:9464";  // Prometheus /metrics listener
+  bool enable_reflection = true;
+  std::string model_dir;  // Hugging Face model folder; empty = serve without a model
+  BackendKind backend = BackendKind::kCpu;
+  absl::Duration drain_timeout = absl::Seconds(30);
+  int64_t max_receive_message_bytes = 4 << 20;
+
+  // Checks every field; the message names the flag and the bad value.
+  absl::Status Validate() const;
+  // One "name=value" per field, for the start-up log.
+  std::string ToString() const;
+};
+
+// Builds ServerOptions from the process's absl flags (after absl::ParseCommandLine) and
+// validates them.
+absl::StatusOr<ServerOptions> ServerOptionsFromFlags();
+
+}  // namespace ls
+
+#endif  // LORASERVE_SERVER_OPTIONS_H_

@@ -1,0 +1,234 @@
+"""The real loraserve binary on ephemeral ports: health, reflection, UNIMPLEMENTED RPCs,
+GetModelInfo on a checkpoint, /metrics (checked by promtool), loractl, flags and shutdown."""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import LORACTL, LORASERVE, ServerProcess
+from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+PROMTOOL = shutil.which("promtool")
+
+
+def write_safetensors(path, tensors):
+    """Writes {name: (dtype, shape, bytes)} in the safetensors format (stdlib only)."""
+    header, offset, blobs = {}, 0, []
+    for name, (dtype, shape, data) in sorted(tensors.items()):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A two-shard checkpoint: 3 tensors, 4*8 + 8 + 2*3 = 46 parameters."""
+    d = tmp_path / "tiny-model"
+    d.mkdir()
+    write_safetensors(d / "model-00001-of-00002.safetensors", {
+        "model.embed_tokens.weight": ("BF16", [4, 8], bytes(range(64))),
+        "model.norm.weight": ("F32", [8], struct.pack("<8f", *[1.0 + i for i in range(8)])),
+    })
+    write_safetensors(d / "model-00002-of-00002.safetensors", {
+        "lm_head.weight": ("BF16", [2, 3], bytes(range(12))),
+    })
+    (d / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 64 + 32 + 12},
+        "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "model.norm.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors",
+        },
+    }))
+    return d
+
+
+@pytest.fixture
+def server(server_factory, model_dir):
+    return server_factory(f"--model={model_dir}")
+
+
+def channel(srv):
+    return grpc.insecure_channel(srv.grpc)
+
+
+def test_health_serving(server):
+    stub = health_pb2_grpc.HealthStub(channel(server))
+    for service in ("", "loraserve.v1.Inference", "loraserve.v1.Admin"):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_both_services(server):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel(server))
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"loraserve.v1.Inference", "loraserve.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def test_unbuilt_rpcs_are_unimplemented_with_a_reason(server):
+    inference = inference_pb2_grpc.InferenceStub(channel(server))
+    admin = admin_pb2_grpc.AdminStub(channel(server))
+    calls = {
+        "Generate": lambda: inference.Generate(
+            inference_pb2.GenerateRequest(text="hello"), timeout=10),
+        "GenerateStream": lambda: list(inference.GenerateStream(
+            inference_pb2.GenerateRequest(text="hello"), timeout=10)),
+        "Tokenize": lambda: inference.Tokenize(inference_pb2.TokenizeRequest(text="x"), timeout=10),
+        "LoadAdapter": lambda: admin.LoadAdapter(
+            admin_pb2.LoadAdapterRequest(adapter_id="a"), timeout=10),
+        "UploadAdapter": lambda: admin.UploadAdapter(
+            iter([admin_pb2.UploadAdapterRequest()]), timeout=10),
+        "ListAdapters": lambda: admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+        assert err.value.details().startswith(f"{name} is not implemented"), err.value.details()
+        assert "it needs" in err.value.details()
+
+
+def test_model_info_reports_the_checkpoint(server, model_dir):
+    stub = inference_pb2_grpc.InferenceStub(channel(server))
+    info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
+    assert info.server.version
+    assert info.model_loaded
+    assert info.model.name == "tiny-model"
+    assert info.model.path == str(model_dir)
+    assert info.model.num_parameters == 4 * 8 + 8 + 2 * 3
+    assert info.model.weights_bytes == 64 + 32 + 12
+    assert info.backend.kind == inference_pb2.BACKEND_KIND_CPU
+
+
+def test_model_info_without_model(server_factory):
+    srv = server_factory()
+    info = inference_pb2_grpc.InferenceStub(channel(srv)).GetModelInfo(
+        inference_pb2.GetModelInfoRequest(), timeout=10)
+    assert not info.model_loaded
+    assert not info.HasField("model")
+
+
+def scrape(srv):
+    with urllib.request.urlopen(f"http://{srv.metrics}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def test_metrics_served_and_lint_clean(server):
+    # One RPC first so the request counter has a series.
+    health_pb2_grpc.HealthStub(channel(server)).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    text = scrape(server)
+    assert "# TYPE loraserve_build_info gauge" in text
+    assert 'loraserve_build_info{' in text
+    assert "process_resident_memory_bytes" in text
+    assert 'loraserve_grpc_requests_total{code="OK",method="grpc.health.v1.Health/Check"}' in text
+    assert PROMTOOL, "promtool not found (Debian package prometheus; scripts/setup.sh installs it)"
+    check = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_unknown_methods_do_not_grow_labels(server):
+    ch = channel(server)
+    bogus = ch.unary_unary("/loraserve.v1.Inference/NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as err:
+        bogus(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "NoSuchMethod" not in scrape(server)
+
+
+def test_loractl(server, model_dir):
+    ok = subprocess.run([LORACTL, f"--address={server.grpc}", "health"], capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "SERVING"
+    info = subprocess.run([LORACTL, f"--address={server.grpc}", "model-info"],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    parsed = json.loads(info.stdout)
+    assert parsed["model"]["path"] == str(model_dir)
+    assert parsed["model_loaded"] is True
+    missing = subprocess.run([LORACTL, f"--address={server.grpc}", "health", "no.such.Service"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr
+    usage = subprocess.run([LORACTL, "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+
+
+def test_sigterm_exits_zero(server):
+    assert server.terminate(signal.SIGTERM) == 0
+    assert "stopped" in server.log()
+
+
+def test_sigint_exits_zero(server_factory):
+    srv = server_factory()
+    assert srv.terminate(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--address=nonsense"], "--address=nonsense"),
+    (["--metrics_address=1.2.3.4:99999"], "--metrics_address"),
+    (["--backend=tpu"], "--backend=tpu"),
+    (["--model=/does/not/exist"], "--model=/does/not/exist"),
+    (["--drain_timeout=-1s"], "--drain_timeout"),
+])
+def test_invalid_flags_exit_nonzero_with_message(flags, needle):
+    proc = subprocess.run([LORASERVE, *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr
+
+
+def test_unknown_flag_exits_nonzero():
+    proc = subprocess.run([LORASERVE, "--no_such_flag=1"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "no_such_flag" in proc.stderr
+
+
+def test_bad_checkpoint_refuses_to_start(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
+    proc = subprocess.run([LORASERVE, f"--model={d}", "--address=127.0.0.1:0",
+                           "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert f"--model={d}" in proc.stderr
+
+
+def test_cuda_backend_without_gpu_fails_clearly():
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi"], capture_output=True).returncode == 0:
+        pytest.skip("a GPU is present: this case needs a machine without one")
+    proc = subprocess.run([LORASERVE, "--backend=cuda", "--address=127.0.0.1:0",
+                           "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "--backend=cuda" in proc.stderr
+
+
+def test_port_in_use_fails_clearly(server):
+    port = server.grpc.rsplit(":", 1)[1]
+    proc = subprocess.run([LORASERVE, f"--address=127.0.0.1:{port}",
+                           "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert f"--address=127.0.0.1:{port}" in proc.stderr
