@@ -34,9 +34,9 @@ run_stage() {
 
 configure() {  # configure DIR [cmake args...]: configures once, reconfigures when args change
   local dir="$1"; shift
-  cmake -S "$root" -B "$dir" "${gen[@]}" "$@" >"$dir.configure.log" 2>&1 ||
-    { cat "$dir.configure.log"; return 1; }
-  grep -E -- '-- (loraserve|  LS_|    )' "$dir.configure.log" || true
+  cmake -S "$root" -B "$dir" "${gen[@]}" "$@" >"$dir/configure.log" 2>&1 ||
+    { cat "$dir/configure.log"; return 1; }
+  grep -E -- '-- (loraserve|  LS_|    )' "$dir/configure.log" || true
 }
 
 stage_setup() { "$root/scripts/setup.sh" --no-build; }

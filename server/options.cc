@@ -89,9 +89,9 @@ absl::Status ServerOptions::Validate() const {
 
 std::string ServerOptions::ToString() const {
   return absl::StrFormat(
-      "address=%s metrics_address=%s enable_reflection=%v model=%s backend=%s "
+      "address=%s metrics_address=%s enable_reflection=%s model=%s backend=%s "
       "drain_timeout=%s max_receive_message_bytes=%d",
-      address, metrics_address, enable_reflection, model_dir.empty() ? "(none)" : model_dir,
+      address, metrics_address, enable_reflection ? "true" : "false", model_dir.empty() ? "(none)" : model_dir,
       BackendName(backend), absl::FormatDuration(drain_timeout), max_receive_message_bytes);
 }
 
