@@ -14,9 +14,10 @@ address="${LS_ADDRESS:-127.0.0.1:50051}"
 metrics="${LS_METRICS_ADDRESS:-127.0.0.1:9464}"
 ready_file="$(mktemp)"
 trap 'rm -f "$ready_file"' EXIT
-"$bin" --address="$address" --metrics_address="$metrics" "$@" >"$ready_file" &
+# The server runs in its own session so that Ctrl-C reaches it once, forwarded by the trap below
+# as SIGTERM (a second signal would cut its drain short).
+setsid "$bin" --address="$address" --metrics_address="$metrics" "$@" >"$ready_file" &
 pid=$!
-# Forward Ctrl-C / SIGTERM to the server, which drains and exits 0.
 trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
 
 for _ in $(seq 1 600); do

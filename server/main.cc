@@ -19,6 +19,10 @@ namespace {
 // Blocks the shutdown signals in this thread and (by inheritance) every thread started after
 // it, so that they are only ever received by sigwait below, never by a gRPC or engine thread.
 sigset_t BlockShutdownSignals() {
+  // A parent may have left them ignored (background jobs of a non-interactive shell ignore
+  // SIGINT); restore the default so they are delivered to sigwait.
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
