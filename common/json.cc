@@ -103,6 +103,11 @@ class StrictDomBuilder {
 
 absl::StatusOr<Json> ParseJsonStrict(absl::string_view text, absl::string_view what,
                                      const JsonLimits& limits) {
+  // nlohmann's lexer takes a NUL byte for the end of input, so "{}\0<anything>" would parse as
+  // "{}" and hide the rest. Raw NUL is never valid JSON (inside strings it is written \u0000).
+  if (const size_t nul = text.find('\0'); nul != absl::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": invalid JSON: NUL byte at byte ", nul));
+  }
   Json root;
   StrictDomBuilder builder(root, limits.max_depth);
   const bool ok = Json::sax_parse(text.begin(), text.end(), &builder,

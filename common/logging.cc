@@ -25,7 +25,9 @@ absl::string_view Basename(absl::string_view path) {
 
 void SetMinLogLevel(LogLevel level) { g_min_level.store(static_cast<int>(level)); }
 
-LogLevel MinLogLevel() { return static_cast<LogLevel>(g_min_level.load(std::memory_order_relaxed)); }
+LogLevel MinLogLevel() {
+  return static_cast<LogLevel>(g_min_level.load(std::memory_order_relaxed));
+}
 
 namespace internal {
 
@@ -35,11 +37,10 @@ LogMessage::LogMessage(LogLevel level, const char* file, int line) : level_(leve
   tm local;
   localtime_r(&tv.tv_sec, &local);
   static constexpr char kLetters[] = {'I', 'W', 'E', 'F'};
-  stream_ << absl::StrFormat("%c%02d%02d %02d:%02d:%02d.%06d %d %s:%d] ",
-                             kLetters[static_cast<int>(level)], local.tm_mon + 1, local.tm_mday,
-                             local.tm_hour, local.tm_min, local.tm_sec,
-                             static_cast<int>(tv.tv_usec), static_cast<int>(gettid()),
-                             Basename(file), line);
+  stream_ << absl::StrFormat(
+      "%c%02d%02d %02d:%02d:%02d.%06d %d %s:%d] ", kLetters[static_cast<int>(level)],
+      local.tm_mon + 1, local.tm_mday, local.tm_hour, local.tm_min, local.tm_sec,
+      static_cast<int>(tv.tv_usec), static_cast<int>(gettid()), Basename(file), line);
 }
 
 LogMessage::~LogMessage() {

@@ -48,15 +48,15 @@ struct LogVoidify {
 #define LS_LOG_LEVEL_ERROR ::ls::LogLevel::kError
 #define LS_LOG_LEVEL_FATAL ::ls::LogLevel::kFatal
 
-#define LS_LOG(level)                                                    \
-  (LS_LOG_LEVEL_##level < ::ls::MinLogLevel())                           \
-      ? (void)0                                                          \
-      : ::ls::internal::LogVoidify() &                                   \
+#define LS_LOG(level)                          \
+  (LS_LOG_LEVEL_##level < ::ls::MinLogLevel()) \
+      ? (void)0                                \
+      : ::ls::internal::LogVoidify() &         \
             ::ls::internal::LogMessage(LS_LOG_LEVEL_##level, __FILE__, __LINE__).stream()
 
-#define LS_CHECK(cond)                                                                      \
-  (cond) ? (void)0                                                                         \
-         : ::ls::internal::LogVoidify() &                                                  \
+#define LS_CHECK(cond)                                                                         \
+  (cond) ? (void)0                                                                             \
+         : ::ls::internal::LogVoidify() &                                                      \
                ::ls::internal::LogMessage(::ls::LogLevel::kFatal, __FILE__, __LINE__).stream() \
                    << "Check failed: " #cond " "
 

@@ -15,10 +15,10 @@
 
 // Evaluates `expr` (an absl::Status or absl::StatusOr<T>) once and returns its status from the
 // enclosing function when it is not OK.
-#define LS_RETURN_IF_ERROR(expr)                                           \
-  do {                                                                     \
-    const ::absl::Status ls_status_ = ::ls::internal::ToStatus((expr));    \
-    if (ABSL_PREDICT_FALSE(!ls_status_.ok())) return ls_status_;           \
+#define LS_RETURN_IF_ERROR(expr)                                        \
+  do {                                                                  \
+    const ::absl::Status ls_status_ = ::ls::internal::ToStatus((expr)); \
+    if (ABSL_PREDICT_FALSE(!ls_status_.ok())) return ls_status_;        \
   } while (false)
 
 // `LS_ASSIGN_OR_RETURN(auto x, MakeX());` or `LS_ASSIGN_OR_RETURN(x_, MakeX());`: evaluates the
@@ -26,9 +26,9 @@
 #define LS_ASSIGN_OR_RETURN(lhs, rexpr) \
   LS_ASSIGN_OR_RETURN_IMPL_(LS_STATUS_CONCAT_(ls_statusor_, __LINE__), lhs, rexpr)
 
-#define LS_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr)              \
-  auto statusor = (rexpr);                                           \
-  if (ABSL_PREDICT_FALSE(!statusor.ok())) return statusor.status();  \
+#define LS_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr)             \
+  auto statusor = (rexpr);                                          \
+  if (ABSL_PREDICT_FALSE(!statusor.ok())) return statusor.status(); \
   lhs = std::move(statusor).value()
 
 namespace ls::internal {

@@ -45,8 +45,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "loraserve: %s\n", std::string(options.status().message()).c_str());
     return 2;
   }
-  LS_LOG(INFO) << "loraserve " << ls::kVersion << " (" << ls::kGitCommit << ", "
-               << ls::kBuildType << (ls::kCudaBuilt ? ", cuda" : ", cpu only") << ")";
+  LS_LOG(INFO) << "loraserve " << ls::kVersion << " (" << ls::kGitCommit << ", " << ls::kBuildType
+               << (ls::kCudaBuilt ? ", cuda" : ", cpu only") << ")";
   LS_LOG(INFO) << "options: " << options->ToString();
 
   const sigset_t signals = BlockShutdownSignals();

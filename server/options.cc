@@ -36,7 +36,8 @@ absl::string_view BackendName(BackendKind kind) {
 absl::StatusOr<HostPort> ParseHostPort(absl::string_view text, absl::string_view flag) {
   auto bad = [&](absl::string_view why) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, "=", text, ": ", why, " (expected host:port, e.g. 0.0.0.0:50051 or [::]:50051)"));
+        absl::StrCat("--", flag, "=", text, ": ", why,
+                     " (expected host:port, e.g. 0.0.0.0:50051 or [::]:50051)"));
   };
   const size_t colon = text.rfind(':');
   if (colon == absl::string_view::npos) return bad("no port");
@@ -72,8 +73,7 @@ absl::Status ServerOptions::Validate() const {
   if (!model_dir.empty()) {
     std::error_code ec;
     if (!std::filesystem::is_directory(model_dir, ec)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--model=", model_dir, ": not a directory"));
+      return absl::InvalidArgumentError(absl::StrCat("--model=", model_dir, ": not a directory"));
     }
   }
   if (drain_timeout < absl::ZeroDuration()) {
@@ -91,8 +91,9 @@ std::string ServerOptions::ToString() const {
   return absl::StrFormat(
       "address=%s metrics_address=%s enable_reflection=%s model=%s backend=%s "
       "drain_timeout=%s max_receive_message_bytes=%d",
-      address, metrics_address, enable_reflection ? "true" : "false", model_dir.empty() ? "(none)" : model_dir,
-      BackendName(backend), absl::FormatDuration(drain_timeout), max_receive_message_bytes);
+      address, metrics_address, enable_reflection ? "true" : "false",
+      model_dir.empty() ? "(none)" : model_dir, BackendName(backend),
+      absl::FormatDuration(drain_timeout), max_receive_message_bytes);
 }
 
 absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {

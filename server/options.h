@@ -27,7 +27,7 @@ absl::StatusOr<HostPort> ParseHostPort(absl::string_view text, absl::string_view
 std::string FormatHostPort(const std::string& host, int port);
 
 struct ServerOptions {
-  std::string address = "0.0.0.0:50051";        // gRPC listener
+  std::string address = "0.0.0.0:50051";         // gRPC listener
   std::string metrics_address = "0.0.0.0:9464";  // Prometheus /metrics listener
   bool enable_reflection = true;
   std::string model_dir;  // Hugging Face model folder; empty = serve without a model

@@ -88,13 +88,12 @@ absl::Status LoraServer::Start() {
   }
   grpc_address_ = FormatHostPort(grpc_hp.host, bound_port);
 
-  LS_ASSIGN_OR_RETURN(HostPort metrics_hp, ParseHostPort(options_.metrics_address,
-                                                        "metrics_address"));
+  LS_ASSIGN_OR_RETURN(HostPort metrics_hp,
+                      ParseHostPort(options_.metrics_address, "metrics_address"));
   auto metrics_port = metrics_.Serve(options_.metrics_address);
   if (!metrics_port.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("--metrics_address=", options_.metrics_address, ": ",
-                     metrics_port.status().message()));
+    return absl::UnavailableError(absl::StrCat("--metrics_address=", options_.metrics_address, ": ",
+                                               metrics_port.status().message()));
   }
   metrics_address_ = FormatHostPort(metrics_hp.host, *metrics_port);
 

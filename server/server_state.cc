@@ -63,9 +63,8 @@ absl::StatusOr<std::unique_ptr<ServerState>> ServerState::Create(const ServerOpt
   if (!options.model_dir.empty()) {
     LS_ASSIGN_OR_RETURN(CheckpointSummary summary, Summarize(options.model_dir));
     LS_LOG(INFO) << "model " << summary.path << ": " << summary.num_tensors << " tensors in "
-                 << summary.num_shards << " file(s), " << summary.num_parameters
-                 << " parameters, " << summary.weights_bytes << " bytes, mostly "
-                 << DTypeName(summary.weights_dtype);
+                 << summary.num_shards << " file(s), " << summary.num_parameters << " parameters, "
+                 << summary.weights_bytes << " bytes, mostly " << DTypeName(summary.weights_dtype);
     state->checkpoint_ = std::move(summary);
   }
   return state;

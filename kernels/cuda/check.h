@@ -12,16 +12,16 @@ namespace ls::cuda {
 
 inline absl::Status CudaStatus(cudaError_t err, const char* call) {
   if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(call, " failed: ", cudaGetErrorName(err), " (",
-                                          cudaGetErrorString(err), ")"));
+  return absl::InternalError(
+      absl::StrCat(call, " failed: ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
 }
 
 }  // namespace ls::cuda
 
-#define LS_CUDA_RETURN_IF_ERROR(call)                                              \
-  do {                                                                             \
-    const ::absl::Status ls_cuda_status_ = ::ls::cuda::CudaStatus((call), #call);  \
-    if (!ls_cuda_status_.ok()) return ls_cuda_status_;                             \
+#define LS_CUDA_RETURN_IF_ERROR(call)                                             \
+  do {                                                                            \
+    const ::absl::Status ls_cuda_status_ = ::ls::cuda::CudaStatus((call), #call); \
+    if (!ls_cuda_status_.ok()) return ls_cuda_status_;                            \
   } while (false)
 
 #endif  // LORASERVE_KERNELS_CUDA_CHECK_H_

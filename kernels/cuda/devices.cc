@@ -14,9 +14,9 @@ absl::StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "no usable CUDA device: cudaGetDeviceCount failed: ", cudaGetErrorName(err), " (",
-        cudaGetErrorString(err), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("no usable CUDA device: cudaGetDeviceCount failed: ", cudaGetErrorName(err),
+                     " (", cudaGetErrorString(err), ")"));
   }
   if (count == 0) return absl::FailedPreconditionError("no usable CUDA device: none found");
   std::vector<CudaDeviceInfo> devices;

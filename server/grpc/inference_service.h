@@ -19,8 +19,7 @@ class InferenceService final : public loraserve::v1::Inference::CallbackService 
                                      const loraserve::v1::GenerateRequest* request,
                                      loraserve::v1::GenerateResponse* response) override;
   grpc::ServerWriteReactor<loraserve::v1::GenerateChunk>* GenerateStream(
-      grpc::CallbackServerContext* context,
-      const loraserve::v1::GenerateRequest* request) override;
+      grpc::CallbackServerContext* context, const loraserve::v1::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
                                      const loraserve::v1::TokenizeRequest* request,
                                      loraserve::v1::TokenizeResponse* response) override;

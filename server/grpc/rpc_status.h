@@ -20,8 +20,8 @@ inline grpc::Status DrainingStatus() {
 // For an RPC whose machinery this version does not have yet: says which RPC and what it needs.
 inline grpc::Status NotBuiltStatus(absl::string_view rpc, absl::string_view needs) {
   return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      absl::StrCat(rpc, " is not implemented in loraserve ", kVersion, ": it needs ",
-                                   needs, ", which this version does not have yet"));
+                      absl::StrCat(rpc, " is not implemented in loraserve ", kVersion,
+                                   ": it needs ", needs, ", which this version does not have yet"));
 }
 
 }  // namespace ls

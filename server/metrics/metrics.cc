@@ -105,11 +105,10 @@ class ProcessCollector : public prometheus::Collectable {
 };
 
 constexpr std::array<absl::string_view, 17> kCodeNames = {
-    "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-    "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 }  // namespace
 
@@ -154,9 +153,9 @@ void Metrics::SetKnownMethods(const std::vector<std::string>& full_methods) {
 void Metrics::RecordRpc(absl::string_view full_method, int grpc_code) {
   std::string method = "other";
   if (known_methods_.contains(full_method)) method = std::string(full_method.substr(1));
-  const absl::string_view code =
-      grpc_code >= 0 && grpc_code < static_cast<int>(kCodeNames.size()) ? kCodeNames[grpc_code]
-                                                                        : "UNKNOWN";
+  const absl::string_view code = grpc_code >= 0 && grpc_code < static_cast<int>(kCodeNames.size())
+                                     ? kCodeNames[grpc_code]
+                                     : "UNKNOWN";
   rpcs_->Add({{"method", method}, {"code", std::string(code)}}).Increment();
 }
 

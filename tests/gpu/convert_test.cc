@@ -34,11 +34,16 @@ std::vector<float> TestValues() {
     std::memcpy(&f, &b, sizeof(f));
     v.push_back(f);  // every class, NaN payloads included
   }
-  const float specials[] = {0.f, -0.f, 1.f, -1.f, std::numeric_limits<float>::infinity(),
+  const float specials[] = {0.f,
+                            -0.f,
+                            1.f,
+                            -1.f,
+                            std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN(),
                             std::numeric_limits<float>::denorm_min(),
-                            std::numeric_limits<float>::max(), 1.00390625f /* tie */,
+                            std::numeric_limits<float>::max(),
+                            1.00390625f /* tie */,
                             1.01171875f /* tie, odd */};
   v.insert(v.end(), std::begin(specials), std::end(specials));
   return v;
@@ -50,8 +55,8 @@ TEST(CudaConvert, FloatToBf16MatchesHostBitForBit) {
   DeviceBuffer src(n * sizeof(float)), dst(n * sizeof(uint16_t));
   ASSERT_EQ(cudaMemcpy(src.ptr, host.data(), n * sizeof(float), cudaMemcpyHostToDevice),
             cudaSuccess);
-  ASSERT_TRUE(LaunchFloatToBf16(static_cast<const float*>(src.ptr),
-                                static_cast<uint16_t*>(dst.ptr), n, nullptr)
+  ASSERT_TRUE(LaunchFloatToBf16(static_cast<const float*>(src.ptr), static_cast<uint16_t*>(dst.ptr),
+                                n, nullptr)
                   .ok());
   std::vector<uint16_t> got(n);
   ASSERT_EQ(cudaMemcpy(got.data(), dst.ptr, n * sizeof(uint16_t), cudaMemcpyDeviceToHost),
@@ -68,8 +73,8 @@ TEST(CudaConvert, Bf16ToFloatIsExactForEveryPattern) {
   DeviceBuffer src(n * sizeof(uint16_t)), dst(n * sizeof(float));
   ASSERT_EQ(cudaMemcpy(src.ptr, host.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice),
             cudaSuccess);
-  ASSERT_TRUE(LaunchBf16ToFloat(static_cast<const uint16_t*>(src.ptr),
-                                static_cast<float*>(dst.ptr), n, nullptr)
+  ASSERT_TRUE(LaunchBf16ToFloat(static_cast<const uint16_t*>(src.ptr), static_cast<float*>(dst.ptr),
+                                n, nullptr)
                   .ok());
   std::vector<float> got(n);
   ASSERT_EQ(cudaMemcpy(got.data(), dst.ptr, n * sizeof(float), cudaMemcpyDeviceToHost),
