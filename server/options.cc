@@ -16,6 +16,14 @@ ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9464",
 ABSL_FLAG(bool, enable_reflection, true, "Serve gRPC server reflection (grpcurl and friends)");
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json, *.safetensors)");
 ABSL_FLAG(std::string, backend, "cpu", "Compute backend: cpu or cuda");
+ABSL_FLAG(int64_t, max_model_len, 0,
+          "Longest sequence (prompt + generated tokens); 0 = the model's max_position_embeddings");
+ABSL_FLAG(uint64_t, kv_cache_bytes, 1ull << 30, "Bytes of the paged KV cache pool");
+ABSL_FLAG(int, kv_block_tokens, 16, "Tokens per KV cache block");
+ABSL_FLAG(int, threads, 0, "Compute threads of the CPU backend; 0 = every core");
+ABSL_FLAG(std::string, weights_dtype, "bf16",
+          "In-memory dtype of the weight matrices: bf16 or fp32");
+ABSL_FLAG(int64_t, max_step_tokens, 2048, "Most token rows one forward step runs");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT, how long in-flight RPCs may run before they are cancelled");
 ABSL_FLAG(int64_t, max_receive_message_bytes, 4 << 20,
@@ -76,6 +84,25 @@ absl::Status ServerOptions::Validate() const {
       return absl::InvalidArgumentError(absl::StrCat("--model=", model_dir, ": not a directory"));
     }
   }
+  if (max_model_len < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_model_len=", max_model_len, ": must be >= 0"));
+  }
+  if (kv_block_tokens < 1 || kv_block_tokens > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv_block_tokens=", kv_block_tokens, ": must be in [1, 1024]"));
+  }
+  if (threads < 0 || threads > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads=", threads, ": must be in [0, 1024]"));
+  }
+  if (weights_dtype != DType::kBF16 && weights_dtype != DType::kF32) {
+    return absl::InvalidArgumentError("--weights_dtype: must be bf16 or fp32");
+  }
+  if (max_step_tokens < 1 || max_step_tokens > (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_step_tokens=", max_step_tokens, ": must be in [1, 2^20]"));
+  }
   if (drain_timeout < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--drain_timeout=", absl::FormatDuration(drain_timeout), ": must be >= 0"));
@@ -90,9 +117,11 @@ absl::Status ServerOptions::Validate() const {
 std::string ServerOptions::ToString() const {
   return absl::StrFormat(
       "address=%s metrics_address=%s enable_reflection=%s model=%s backend=%s "
-      "drain_timeout=%s max_receive_message_bytes=%d",
+      "max_model_len=%d kv_cache_bytes=%d kv_block_tokens=%d threads=%d weights_dtype=%s "
+      "max_step_tokens=%d drain_timeout=%s max_receive_message_bytes=%d",
       address, metrics_address, enable_reflection ? "true" : "false",
-      model_dir.empty() ? "(none)" : model_dir, BackendName(backend),
+      model_dir.empty() ? "(none)" : model_dir, BackendName(backend), max_model_len, kv_cache_bytes,
+      kv_block_tokens, threads, weights_dtype == DType::kBF16 ? "bf16" : "fp32", max_step_tokens,
       absl::FormatDuration(drain_timeout), max_receive_message_bytes);
 }
 
@@ -111,6 +140,20 @@ absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend=", backend, ": expected cpu or cuda"));
   }
+  o.max_model_len = absl::GetFlag(FLAGS_max_model_len);
+  o.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  o.kv_block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  const std::string weights_dtype = absl::GetFlag(FLAGS_weights_dtype);
+  if (weights_dtype == "bf16") {
+    o.weights_dtype = DType::kBF16;
+  } else if (weights_dtype == "fp32") {
+    o.weights_dtype = DType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--weights_dtype=", weights_dtype, ": expected bf16 or fp32"));
+  }
+  o.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
   o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   o.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   LS_RETURN_IF_ERROR(o.Validate());

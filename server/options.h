@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "common/dtype.h"
 
 namespace ls {
 
@@ -32,6 +33,12 @@ struct ServerOptions {
   bool enable_reflection = true;
   std::string model_dir;  // Hugging Face model folder; empty = serve without a model
   BackendKind backend = BackendKind::kCpu;
+  int64_t max_model_len = 0;             // 0 = the model's max_position_embeddings
+  uint64_t kv_cache_bytes = 1ull << 30;  // the KV block pool
+  int kv_block_tokens = 16;              // tokens per KV block
+  int threads = 0;                       // compute threads; 0 = every core
+  DType weights_dtype = DType::kBF16;    // kBF16 or kF32 in memory
+  int64_t max_step_tokens = 2048;        // rows one forward step may hold
   absl::Duration drain_timeout = absl::Seconds(30);
   int64_t max_receive_message_bytes = 4 << 20;
 

@@ -1,7 +1,7 @@
 #include "server/server_state.h"
 
+#include <chrono>
 #include <filesystem>
-#include <map>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -13,35 +13,48 @@
 namespace ls {
 namespace {
 
-absl::StatusOr<CheckpointSummary> Summarize(const std::string& dir) {
-  auto checkpoint = SafetensorsCheckpoint::Open(dir);
-  if (!checkpoint.ok()) {
-    return absl::Status(checkpoint.status().code(),
-                        absl::StrCat("--model=", dir, ": ", checkpoint.status().message()));
-  }
-  CheckpointSummary s;
-  s.path = std::filesystem::absolute(dir).lexically_normal().string();
-  s.name = std::filesystem::path(s.path).filename().string();
-  if (s.name.empty()) s.name = std::filesystem::path(s.path).parent_path().filename().string();
-  s.num_shards = (*checkpoint)->shards().size();
-  std::map<DType, uint64_t> params_by_dtype;
-  for (const auto& shard : (*checkpoint)->shards()) {
-    for (const SafetensorsEntry& e : shard->entries()) {
-      ++s.num_tensors;
-      const uint64_t n = static_cast<uint64_t>(e.numel());
-      s.num_parameters += n;
-      s.weights_bytes += e.nbytes();
-      params_by_dtype[e.dtype] += n;
-    }
-  }
-  uint64_t best = 0;
-  for (const auto& [dtype, n] : params_by_dtype) {
-    if (n > best) {
-      best = n;
-      s.weights_dtype = dtype;
-    }
-  }
-  return s;
+// Prefixes a load error with the flag it came from, keeping its code.
+absl::Status WithFlag(const absl::Status& status, absl::string_view flag) {
+  return absl::Status(status.code(), absl::StrCat(flag, ": ", status.message()));
+}
+
+absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& options) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string flag = absl::StrCat("--model=", options.model_dir);
+  auto m = std::make_unique<LoadedModel>();
+  m->path = std::filesystem::absolute(options.model_dir).lexically_normal().string();
+  while (m->path.size() > 1 && m->path.back() == '/') m->path.pop_back();
+  m->name = std::filesystem::path(m->path).filename().string();
+
+  ConfigOptions config_options;
+  config_options.max_model_len = options.max_model_len;
+  auto config = LoadModelConfig(options.model_dir, config_options);
+  if (!config.ok()) return WithFlag(config.status(), flag);
+  m->config = std::move(*config);
+  auto checkpoint = SafetensorsCheckpoint::Open(options.model_dir);
+  if (!checkpoint.ok()) return WithFlag(checkpoint.status(), flag);
+  auto weights = LoadModelWeights(**checkpoint, m->config, options.weights_dtype);
+  if (!weights.ok()) return WithFlag(weights.status(), flag);
+  m->weights = std::move(*weights);
+
+  CpuBackendOptions backend_options;
+  backend_options.threads = options.threads;
+  backend_options.max_context = m->config.max_model_len;
+  auto backend = CpuBackend::Create(backend_options);
+  if (!backend.ok()) return WithFlag(backend.status(), "--threads");
+  m->backend = std::move(*backend);
+
+  KvCacheOptions kv;
+  kv.num_layers = m->config.num_hidden_layers;
+  kv.num_kv_heads = m->config.num_key_value_heads;
+  kv.head_dim = m->config.head_dim;
+  kv.block_tokens = options.kv_block_tokens;
+  kv.cache_bytes = options.kv_cache_bytes;
+  LS_ASSIGN_OR_RETURN(m->kv_cache, KvCache::Create(kv));
+  LS_ASSIGN_OR_RETURN(m->model, LlamaModel::Create(&m->config, m->weights.get(), m->backend.get(),
+                                                   options.max_step_tokens));
+  m->load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return m;
 }
 
 }  // namespace
@@ -59,13 +72,22 @@ absl::StatusOr<std::unique_ptr<ServerState>> ServerState::Create(const ServerOpt
       LS_LOG(INFO) << "cuda device " << d.index << ": " << d.name << " (sm_" << d.compute_major
                    << d.compute_minor << ", " << d.total_memory_bytes / (1 << 20) << " MiB)";
     }
+    if (!options.model_dir.empty()) {
+      return absl::UnimplementedError(
+          "--backend=cuda: the CUDA backend cannot run a model in this version yet; use "
+          "--backend=cpu");
+    }
   }
   if (!options.model_dir.empty()) {
-    LS_ASSIGN_OR_RETURN(CheckpointSummary summary, Summarize(options.model_dir));
-    LS_LOG(INFO) << "model " << summary.path << ": " << summary.num_tensors << " tensors in "
-                 << summary.num_shards << " file(s), " << summary.num_parameters << " parameters, "
-                 << summary.weights_bytes << " bytes, mostly " << DTypeName(summary.weights_dtype);
-    state->checkpoint_ = std::move(summary);
+    LS_ASSIGN_OR_RETURN(state->model_, LoadModel(options));
+    const LoadedModel& m = *state->model_;
+    LS_LOG(INFO) << "model " << m.path << ": " << m.config.Summary();
+    LS_LOG(INFO) << "weights: " << m.weights->num_parameters() << " parameters, "
+                 << m.weights->arena_bytes() << " bytes as " << DTypeName(m.weights->dtype())
+                 << "; backend " << m.backend->name() << " with " << m.backend->threads()
+                 << " threads; KV cache " << m.kv_cache->num_blocks() << " blocks of "
+                 << m.kv_cache->block_tokens() << " tokens (" << m.kv_cache->total_bytes()
+                 << " bytes); loaded in " << m.load_seconds << " s";
   }
   return state;
 }

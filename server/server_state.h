@@ -1,43 +1,50 @@
-// What the server knows about itself and its model, built once at start and read (never
-// written) by the services afterwards.
+// What the server knows about itself and holds for its model, built once at start. The model
+// objects (config, weights, backend, KV cache, forward pass) are created here and owned here;
+// after Create() the services only read the immutable facts, and only the engine thread will
+// touch the mutable ones (KV cache, model workspace).
 #ifndef LORASERVE_SERVER_SERVER_STATE_H_
 #define LORASERVE_SERVER_SERVER_STATE_H_
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "common/dtype.h"
+#include "kernels/cpu/cpu_backend.h"
 #include "kernels/devices.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/llama_model.h"
+#include "model/weights.h"
 #include "server/options.h"
 
 namespace ls {
 
-// Facts about the base model's checkpoint, from its safetensors headers.
-struct CheckpointSummary {
+// The loaded base model and everything that computes with it.
+struct LoadedModel {
   std::string name;  // the folder's base name
-  std::string path;
-  size_t num_shards = 0;
-  size_t num_tensors = 0;
-  uint64_t num_parameters = 0;
-  uint64_t weights_bytes = 0;
-  DType weights_dtype = DType::kF32;  // the dtype holding the most parameters
+  std::string path;  // absolute
+  ModelConfig config;
+  std::unique_ptr<ModelWeights> weights;
+  std::unique_ptr<CpuBackend> backend;
+  std::unique_ptr<KvCache> kv_cache;
+  std::unique_ptr<LlamaModel> model;
+  double load_seconds = 0;
 };
 
-// Immutable after Create(); safe to read from any thread.
+// Immutable after Create() (but for the model's mutable parts, see the file comment); the
+// accessors are safe from any thread.
 class ServerState {
  public:
-  // Checks the backend (`cuda`: a usable device must exist) and opens and validates the model
-  // checkpoint when options.model_dir is set. Errors say which flag and what failed.
+  // Checks the backend (`cuda`: a usable device must exist) and loads the model when
+  // options.model_dir is set. Errors name the flag and what failed.
   static absl::StatusOr<std::unique_ptr<ServerState>> Create(const ServerOptions& options);
 
   const ServerOptions& options() const { return options_; }
   absl::Time start_time() const { return start_time_; }
-  const std::optional<CheckpointSummary>& checkpoint() const { return checkpoint_; }
+  const LoadedModel* model() const { return model_.get(); }
   const std::vector<CudaDeviceInfo>& cuda_devices() const { return cuda_devices_; }
 
  private:
@@ -46,7 +53,7 @@ class ServerState {
 
   const ServerOptions options_;
   const absl::Time start_time_;
-  std::optional<CheckpointSummary> checkpoint_;
+  std::unique_ptr<LoadedModel> model_;
   std::vector<CudaDeviceInfo> cuda_devices_;
 };
 

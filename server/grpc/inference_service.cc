@@ -47,6 +47,54 @@ void FillServerInfo(const ServerState& state, v1::ServerInfo* out) {
       static_cast<uint64_t>(state.options().max_receive_message_bytes));
 }
 
+void FillModelInfo(const LoadedModel& m, v1::ModelInfo* out) {
+  const ModelConfig& c = m.config;
+  out->set_name(m.name);
+  out->set_path(m.path);
+  out->set_architecture(c.architecture);
+  out->set_model_type(std::string(ModelTypeName(c.model_type)));
+  out->set_vocab_size(static_cast<uint32_t>(c.vocab_size));
+  out->set_hidden_size(static_cast<uint32_t>(c.hidden_size));
+  out->set_intermediate_size(static_cast<uint32_t>(c.intermediate_size));
+  out->set_num_hidden_layers(static_cast<uint32_t>(c.num_hidden_layers));
+  out->set_num_attention_heads(static_cast<uint32_t>(c.num_attention_heads));
+  out->set_num_key_value_heads(static_cast<uint32_t>(c.num_key_value_heads));
+  out->set_head_dim(static_cast<uint32_t>(c.head_dim));
+  out->set_max_position_embeddings(static_cast<uint32_t>(c.max_position_embeddings));
+  out->set_max_model_len(static_cast<uint32_t>(c.max_model_len));
+  out->set_rope_theta(c.rope_theta);
+  if (c.rope_scaling.type != RopeScalingType::kNone) {
+    out->set_rope_scaling_type(std::string(RopeScalingTypeName(c.rope_scaling.type)));
+  }
+  out->set_rms_norm_eps(c.rms_norm_eps);
+  out->set_tie_word_embeddings(c.tie_word_embeddings);
+  out->set_weights_dtype(ToProtoDType(m.weights->dtype()));
+  out->set_compute_dtype(v1::DTYPE_F32);
+  out->set_num_parameters(static_cast<uint64_t>(m.weights->num_parameters()));
+  out->set_weights_bytes(m.weights->arena_bytes());
+}
+
+// The ids the model's config defines; the tokenizer's own facts arrive with the tokenizer.
+void FillTokenizerInfo(const ModelConfig& c, v1::TokenizerInfo* out) {
+  out->set_vocab_size(static_cast<uint32_t>(c.vocab_size));
+  if (c.bos_token_id.has_value()) out->set_bos_token_id(static_cast<uint32_t>(*c.bos_token_id));
+  for (int32_t id : c.eos_token_ids) out->add_eos_token_ids(static_cast<uint32_t>(id));
+  if (c.pad_token_id.has_value()) out->set_pad_token_id(static_cast<uint32_t>(*c.pad_token_id));
+}
+
+void FillKvCacheInfo(const KvCache& kv, v1::KvCacheInfo* out) {
+  const uint64_t block_bytes = kv.total_bytes() / static_cast<uint64_t>(kv.num_blocks());
+  const int32_t used = kv.used_blocks();
+  out->set_block_tokens(static_cast<uint32_t>(kv.block_tokens()));
+  out->set_total_blocks(static_cast<uint32_t>(kv.num_blocks()));
+  out->set_used_blocks(static_cast<uint32_t>(used));
+  out->set_block_bytes(block_bytes);
+  out->set_total_bytes(kv.total_bytes());
+  out->set_used_bytes(block_bytes * static_cast<uint64_t>(used));
+  out->set_dtype(v1::DTYPE_F32);
+  out->set_usage_ratio(static_cast<double>(used) / kv.num_blocks());
+}
+
 void FillBackendInfo(const ServerState& state, v1::BackendInfo* out) {
   if (state.options().backend == BackendKind::kCuda && !state.cuda_devices().empty()) {
     const CudaDeviceInfo& d = state.cuda_devices().front();
@@ -60,7 +108,13 @@ void FillBackendInfo(const ServerState& state, v1::BackendInfo* out) {
     out->set_kind(v1::BACKEND_KIND_CPU);
     out->set_device_name("cpu");
     const long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    out->set_description(absl::StrCat("CPU, ", cores, " online cores"));
+    if (const LoadedModel* m = state.model(); m != nullptr) {
+      out->set_num_threads(static_cast<uint32_t>(m->backend->threads()));
+      out->set_description(absl::StrCat(m->backend->name(), ", ", m->backend->threads(),
+                                        " threads of ", cores, " online cores"));
+    } else {
+      out->set_description(absl::StrCat("CPU, ", cores, " online cores"));
+    }
   }
 }
 
@@ -106,19 +160,15 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->mutable_server()->set_state(gate_->draining() ? v1::SERVER_STATE_DRAINING
                                                           : v1::SERVER_STATE_SERVING);
   FillBackendInfo(*state_, response->mutable_backend());
-  // The checkpoint is opened and validated at start; the engine that computes with it (and
-  // fills config, tokenizer and KV cache facts) is not part of this version.
-  if (const auto& ckpt = state_->checkpoint(); ckpt.has_value()) {
+  if (const LoadedModel* m = state_->model(); m != nullptr) {
     response->set_model_loaded(true);
-    v1::ModelInfo* model = response->mutable_model();
-    model->set_name(ckpt->name);
-    model->set_path(ckpt->path);
-    model->set_num_parameters(ckpt->num_parameters);
-    model->set_weights_bytes(ckpt->weights_bytes);
-    model->set_weights_dtype(ToProtoDType(ckpt->weights_dtype));
+    FillModelInfo(*m, response->mutable_model());
+    FillTokenizerInfo(m->config, response->mutable_tokenizer());
+    FillKvCacheInfo(*m->kv_cache, response->mutable_kv_cache());
   }
   response->mutable_adapter_pool();
-  response->mutable_scheduler();
+  response->mutable_scheduler()->set_max_step_tokens(
+      static_cast<uint32_t>(state_->options().max_step_tokens));
   return FinishUnary(context, grpc::Status::OK);
 }
 

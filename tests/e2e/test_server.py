@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import LORACTL, LORASERVE, ServerProcess
-from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraserve.v1 import adapter_pb2, admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 PROMTOOL = shutil.which("promtool")
 
@@ -33,32 +33,36 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+FIXTURE_MODEL = os.path.join(os.environ.get("LS_SOURCE_DIR", "."), "tests", "golden", "fixtures",
+                             "llama_gqa")
+
+
+def safetensors_parameters(path):
+    """Sum of tensor element counts, read from the file's header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for d in entry["shape"]:
+            count *= d
+        total += count
+    return total
+
+
 @pytest.fixture
-def model_dir(tmp_path):
-    """A two-shard checkpoint: 3 tensors, 4*8 + 8 + 2*3 = 46 parameters."""
-    d = tmp_path / "tiny-model"
-    d.mkdir()
-    write_safetensors(d / "model-00001-of-00002.safetensors", {
-        "model.embed_tokens.weight": ("BF16", [4, 8], bytes(range(64))),
-        "model.norm.weight": ("F32", [8], struct.pack("<8f", *[1.0 + i for i in range(8)])),
-    })
-    write_safetensors(d / "model-00002-of-00002.safetensors", {
-        "lm_head.weight": ("BF16", [2, 3], bytes(range(12))),
-    })
-    (d / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": 64 + 32 + 12},
-        "weight_map": {
-            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-            "model.norm.weight": "model-00001-of-00002.safetensors",
-            "lm_head.weight": "model-00002-of-00002.safetensors",
-        },
-    }))
-    return d
+def model_dir():
+    """A tiny Llama (GQA, 2 layers) from the golden fixtures."""
+    return FIXTURE_MODEL
 
 
 @pytest.fixture
 def server(server_factory, model_dir):
-    return server_factory(f"--model={model_dir}")
+    return server_factory(f"--model={model_dir}", "--kv_cache_bytes=4194304",
+                          "--kv_block_tokens=8", "--threads=1")
 
 
 def channel(srv):
@@ -106,16 +110,49 @@ def test_unbuilt_rpcs_are_unimplemented_with_a_reason(server):
         assert "it needs" in err.value.details()
 
 
-def test_model_info_reports_the_checkpoint(server, model_dir):
+def test_model_info_reports_the_model(server, model_dir):
     stub = inference_pb2_grpc.InferenceStub(channel(server))
     info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
     assert info.server.version
     assert info.model_loaded
-    assert info.model.name == "tiny-model"
-    assert info.model.path == str(model_dir)
-    assert info.model.num_parameters == 4 * 8 + 8 + 2 * 3
-    assert info.model.weights_bytes == 64 + 32 + 12
+    m = info.model
+    assert m.name == "llama_gqa"
+    assert m.path == os.path.abspath(model_dir)
+    assert m.model_type == "llama"
+    assert (m.vocab_size, m.hidden_size, m.num_hidden_layers) == (256, 64, 2)
+    assert (m.num_attention_heads, m.num_key_value_heads, m.head_dim) == (4, 2, 16)
+    assert m.max_model_len == m.max_position_embeddings == 256
+    assert m.num_parameters == safetensors_parameters(os.path.join(model_dir, "model.safetensors"))
+    assert m.weights_dtype == adapter_pb2.DTYPE_BF16
+    assert m.compute_dtype == adapter_pb2.DTYPE_F32
+    assert list(info.tokenizer.eos_token_ids) == [2]
+    kv = info.kv_cache
+    assert kv.block_tokens == 8
+    # 2 layers x (K and V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes per block.
+    assert kv.block_bytes == 2 * 2 * 8 * 2 * 16 * 4
+    assert kv.total_blocks == 4194304 // kv.block_bytes
+    assert kv.used_blocks == 0
     assert info.backend.kind == inference_pb2.BACKEND_KIND_CPU
+    assert info.backend.num_threads == 1
+    assert info.scheduler.max_step_tokens == 2048
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("hidden_act", "gelu", "hidden_act"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+    ("num_key_value_heads", 3, "num_key_value_heads"),
+])
+def test_bad_config_refuses_to_start(tmp_path, model_dir, field, value, needle):
+    d = tmp_path / "bad"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config[field] = value
+    (d / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([LORASERVE, f"--model={d}", "--address=127.0.0.1:0",
+                           "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert f"--model={d}" in proc.stderr and needle in proc.stderr, proc.stderr
 
 
 def test_model_info_without_model(server_factory):
@@ -164,7 +201,7 @@ def test_loractl(server, model_dir):
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0, info.stderr
     parsed = json.loads(info.stdout)
-    assert parsed["model"]["path"] == str(model_dir)
+    assert parsed["model"]["path"] == os.path.abspath(model_dir)
     assert parsed["model_loaded"] is True
     missing = subprocess.run([LORACTL, f"--address={server.grpc}", "health", "no.such.Service"],
                              capture_output=True, text=True, timeout=60)
@@ -204,9 +241,10 @@ def test_unknown_flag_exits_nonzero():
     assert "no_such_flag" in proc.stderr
 
 
-def test_bad_checkpoint_refuses_to_start(tmp_path):
+def test_bad_checkpoint_refuses_to_start(tmp_path, model_dir):
     d = tmp_path / "broken"
     d.mkdir()
+    shutil.copy(os.path.join(model_dir, "config.json"), d / "config.json")
     (d / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
     proc = subprocess.run([LORASERVE, f"--model={d}", "--address=127.0.0.1:0",
                            "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,

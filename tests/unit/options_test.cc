@@ -46,14 +46,28 @@ TEST(ServerOptions, ValidateNamesTheFlag) {
   o.drain_timeout = absl::Seconds(-1);
   EXPECT_THAT(o.Validate().message(), HasSubstr("--drain_timeout"));
   o = ServerOptions();
+  o.kv_block_tokens = 0;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--kv_block_tokens=0"));
+  o = ServerOptions();
+  o.threads = -1;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--threads=-1"));
+  o = ServerOptions();
+  o.max_model_len = -5;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--max_model_len=-5"));
+  o = ServerOptions();
+  o.max_step_tokens = 0;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--max_step_tokens=0"));
+  o = ServerOptions();
   o.max_receive_message_bytes = 10;
   EXPECT_THAT(o.Validate().message(), HasSubstr("--max_receive_message_bytes"));
 }
 
 TEST(ServerOptions, ToStringListsEveryField) {
   const std::string s = ServerOptions().ToString();
-  for (const char* field : {"address=", "metrics_address=", "enable_reflection=", "model=",
-                            "backend=", "drain_timeout=", "max_receive_message_bytes="}) {
+  for (const char* field :
+       {"address=", "metrics_address=", "enable_reflection=", "model=", "backend=",
+        "max_model_len=", "kv_cache_bytes=", "kv_block_tokens=", "threads=", "weights_dtype=",
+        "max_step_tokens=", "drain_timeout=", "max_receive_message_bytes="}) {
     EXPECT_THAT(s, HasSubstr(field));
   }
 }

@@ -1,0 +1,371 @@
+// CPU decode/prefill benchmark on a model with TinyLlama-1.1B's shapes (random bf16 weights made
+// here): decode tokens/s at batch 1, 8 and 32 with 512 tokens of context, the weight bytes per
+// second a batch-1 step achieves divided by the memory read bandwidth measured in this same
+// process (same threads, best ISA, best of 5 reads of a >= 1 GiB buffer), prefill tokens/s over
+// 512 tokens, KV bytes and peak RSS against weight bytes. Writes JSON to --out.
+//
+//   build/bench/decode_bench --out=docs/benchmarks/cpu_decode.json [--threads=N]
+//
+// The weights go through the real path: a child process writes a safetensors checkpoint, the
+// benchmark loads it with LoadModelWeights (so peak RSS is the serving process's, not the
+// generator's).
+#include <immintrin.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/dtype.h"
+#include "common/logging.h"
+#include "common/thread_pool.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/isa.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/llama_model.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
+
+ABSL_FLAG(std::string, out, "", "Write the results as JSON here");
+ABSL_FLAG(int, threads, 0, "Compute threads (0 = all cores)");
+ABSL_FLAG(int, context, 512, "Tokens of context per sequence while decoding");
+ABSL_FLAG(int, decode_steps, 8, "Decode steps timed per batch size (best step time is used)");
+ABSL_FLAG(std::string, model_dir, "", "Where the checkpoint is written (default: a temp dir)");
+
+namespace ls {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+constexpr char kTinyLlamaConfig[] = R"({
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+  "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+  "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+  "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+})";
+
+// Writes a random bf16 checkpoint with the config's tensor names into `dir` (in a child
+// process, so that the generator's memory never counts toward the benchmark's peak RSS).
+void WriteCheckpoint(const ModelConfig& c, const std::string& dir) {
+  const pid_t pid = fork();
+  LS_CHECK(pid >= 0) << "fork failed";
+  if (pid > 0) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    LS_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "checkpoint writer failed";
+    return;
+  }
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  const int64_t h = c.hidden_size, f = c.intermediate_size, v = c.vocab_size;
+  shapes.push_back({"model.embed_tokens.weight", {v, h}});
+  shapes.push_back({"lm_head.weight", {v, h}});
+  shapes.push_back({"model.norm.weight", {h}});
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    shapes.push_back({p + "input_layernorm.weight", {h}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {h}});
+    shapes.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), h}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), h}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), h}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {h, c.q_dim()}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {f, h}});
+    shapes.push_back({p + "mlp.up_proj.weight", {f, h}});
+    shapes.push_back({p + "mlp.down_proj.weight", {h, f}});
+  }
+  std::vector<std::vector<uint16_t>> data;
+  std::vector<SafetensorsTensorRef> refs;
+  std::mt19937_64 rng(42);
+  for (const auto& [name, shape] : shapes) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<uint16_t> values(static_cast<size_t>(n));
+    const bool norm = shape.size() == 1;
+    // Values in about [-0.05, 0.05] (norms near 1): fast, not all zero, no NaN.
+    for (auto& x : values) {
+      const float u = static_cast<float>(rng() >> 40) / static_cast<float>(1 << 24) - 0.5f;
+      x = FloatToBf16(norm ? 1.0f + 0.1f * u : 0.1f * u);
+    }
+    data.push_back(std::move(values));
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    SafetensorsTensorRef ref;
+    ref.name = shapes[i].first;
+    ref.dtype = DType::kBF16;
+    ref.shape = Shape(shapes[i].second.begin(), shapes[i].second.end());
+    ref.data = absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data[i].data()),
+                                         data[i].size() * sizeof(uint16_t));
+    refs.push_back(std::move(ref));
+  }
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << kTinyLlamaConfig;
+  const absl::Status s = WriteSafetensors(dir + "/model.safetensors", refs);
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+    _exit(1);
+  }
+  _exit(0);
+}
+
+// Read bandwidth: every thread sums its slice of `buf` with the widest loads this CPU has.
+__attribute__((target("avx512f"))) float SumAvx512(const float* p, size_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+  }
+  // A plain store and loop: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its header.
+  alignas(64) float out[16];
+  _mm512_store_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  float s = 0;
+  for (float x : out) s += x;
+  return s;
+}
+
+__attribute__((target("avx2"))) float SumAvx2(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = 0;
+  for (float x : out) s += x;
+  return s;
+}
+
+double MeasureReadBandwidth(int threads, Isa isa, size_t bytes) {
+  std::vector<float> buf(bytes / sizeof(float));
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i & 1023);
+  ThreadPool pool(threads);
+  std::vector<float> sinks(static_cast<size_t>(threads));
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    pool.ParallelFor(threads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t t = begin; t < end; ++t) {
+        const size_t chunk = buf.size() / static_cast<size_t>(threads);
+        const float* p = buf.data() + static_cast<size_t>(t) * chunk;
+        sinks[static_cast<size_t>(t)] =
+            isa == Isa::kAvx512 ? SumAvx512(p, chunk) : SumAvx2(p, chunk);
+      }
+    });
+    best = std::max(best, static_cast<double>(bytes) / Seconds(Clock::now() - t0));
+  }
+  float sink = 0;
+  for (float s : sinks) sink += s;
+  LS_CHECK(sink != -1.0f);  // keeps the reads alive
+  return best;
+}
+
+int64_t PeakRssBytes() {
+  rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return int64_t{usage.ru_maxrss} * 1024;
+}
+
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+int Main() {
+  auto config = ParseModelConfig(kTinyLlamaConfig, "", ConfigOptions{});
+  LS_CHECK(config.ok()) << config.status();
+  const ModelConfig& c = *config;
+  std::string dir = absl::GetFlag(FLAGS_model_dir);
+  const bool temp_dir = dir.empty();
+  if (temp_dir)
+    dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/ls_decode_bench_",
+                       getpid());
+  if (!std::filesystem::exists(dir + "/model.safetensors")) {
+    std::fprintf(stderr, "writing a random bf16 checkpoint to %s ...\n", dir.c_str());
+    WriteCheckpoint(c, dir);
+  }
+  auto ckpt = SafetensorsCheckpoint::Open(dir);
+  LS_CHECK(ckpt.ok()) << ckpt.status();
+  const auto load_t0 = Clock::now();
+  auto weights = LoadModelWeights(**ckpt, c, DType::kBF16);
+  LS_CHECK(weights.ok()) << weights.status();
+  const double load_seconds = Seconds(Clock::now() - load_t0);
+  ckpt->reset();  // unmap the file: only the arena stays resident
+  if (temp_dir) std::filesystem::remove_all(dir);
+
+  const int context = absl::GetFlag(FLAGS_context);
+  const int steps = absl::GetFlag(FLAGS_decode_steps);
+  const std::vector<int> batches = {1, 8, 32};
+  CpuBackendOptions bo;
+  bo.threads = absl::GetFlag(FLAGS_threads);
+  bo.max_context = context + steps + 1;
+  auto backend = CpuBackend::Create(bo);
+  LS_CHECK(backend.ok()) << backend.status();
+  KvCacheOptions kv;
+  kv.num_layers = c.num_hidden_layers;
+  kv.num_kv_heads = c.num_key_value_heads;
+  kv.head_dim = c.head_dim;
+  kv.block_tokens = 16;
+  const int64_t tokens_per_seq = context + steps + 1;
+  kv.cache_bytes = KvCache::BlockBytes(kv) *
+                   static_cast<uint64_t>(32 * ((tokens_per_seq + 15) / 16) + (context + 15) / 16);
+  auto cache = KvCache::Create(kv);
+  LS_CHECK(cache.ok()) << cache.status();
+  // Random K/V stand in for 512 prefilled tokens: attention costs the same whatever the values.
+  {
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    const size_t floats = static_cast<size_t>((*cache)->num_blocks()) * kv.block_tokens *
+                          kv.num_kv_heads * kv.head_dim;
+    for (const KvLayerView& layer : (*cache)->layer_views()) {
+      for (size_t i = 0; i < floats; ++i) {
+        layer.k[i] = u(rng);
+        layer.v[i] = u(rng);
+      }
+    }
+  }
+  auto model = LlamaModel::Create(&c, weights->get(), backend->get(), std::max(32, context));
+  LS_CHECK(model.ok()) << model.status();
+
+  // Bytes of weights one decode step streams: every matrix except the embedding (gathered).
+  uint64_t step_weight_bytes = 0;
+  auto add = [&](const WeightView& w) {
+    step_weight_bytes += static_cast<uint64_t>(w.rows * w.cols) * (w.dtype == DType::kBF16 ? 2 : 4);
+  };
+  for (const LayerWeights& l : (*weights)->layers()) {
+    add(l.qkv);
+    add(l.o);
+    add(l.gate_up);
+    add(l.down);
+  }
+  add((*weights)->lm_head());
+
+  std::vector<std::vector<int32_t>> tables(32);
+  for (auto& t : tables) LS_CHECK((*cache)->EnsureCapacity(tokens_per_seq, &t).ok());
+  const size_t stride = tables[0].size();
+  std::vector<float> logits(static_cast<size_t>(32) * c.vocab_size);
+
+  std::string json = "{\n";
+  absl::StrAppendFormat(&json, "  \"date\": \"%s\",\n", "2026-11-29");
+  absl::StrAppendFormat(&json, "  \"cpu\": \"%s\",\n", CpuModel());
+  absl::StrAppendFormat(&json, "  \"isa\": \"%s\",\n", IsaName((*backend)->isa()));
+  absl::StrAppendFormat(&json, "  \"threads\": %d,\n", (*backend)->threads());
+  absl::StrAppendFormat(&json, "  \"model\": \"TinyLlama-1.1B shapes, random bf16\",\n");
+  absl::StrAppendFormat(&json, "  \"context\": %d,\n", context);
+  absl::StrAppendFormat(&json, "  \"weight_bytes\": %d,\n", (*weights)->arena_bytes());
+  absl::StrAppendFormat(&json, "  \"step_weight_bytes\": %d,\n", step_weight_bytes);
+  absl::StrAppendFormat(&json, "  \"load_seconds\": %.3f,\n", load_seconds);
+  json += "  \"decode\": [\n";
+  double batch1_step = 0;
+  for (size_t bi = 0; bi < batches.size(); ++bi) {
+    const int b = batches[bi];
+    std::vector<int32_t> ids(b, 3), positions(b), block_tables, logits_rows(b);
+    for (int i = 0; i < b; ++i) {
+      logits_rows[i] = i;
+      block_tables.insert(block_tables.end(), tables[i].begin(), tables[i].end());
+    }
+    double best = 1e30;
+    for (int s = 0; s <= steps; ++s) {
+      for (int i = 0; i < b; ++i) positions[i] = context + s;
+      ForwardBatch batch;
+      batch.token_ids = ids;
+      batch.positions = positions;
+      batch.block_tables = block_tables;
+      batch.block_table_stride = static_cast<int64_t>(stride);
+      batch.logits_rows = logits_rows;
+      const auto t0 = Clock::now();
+      const absl::Status st = (*model)->Forward(batch, **cache, logits.data());
+      const double t = Seconds(Clock::now() - t0);
+      LS_CHECK(st.ok()) << st;
+      if (s > 0) best = std::min(best, t);  // step 0 warms caches and pages
+    }
+    if (b == 1) batch1_step = best;
+    absl::StrAppendFormat(&json,
+                          "    {\"batch\": %d, \"step_seconds\": %.6f, \"tokens_per_second\": "
+                          "%.2f}%s\n",
+                          b, best, b / best, bi + 1 < batches.size() ? "," : "");
+    std::fprintf(stderr, "decode batch %2d: %.2f tokens/s (step %.1f ms)\n", b, b / best,
+                 best * 1e3);
+  }
+  json += "  ],\n";
+
+  // Prefill of 512 tokens of one sequence (in one batch).
+  {
+    const int n = context;
+    std::vector<int32_t> ids(n), positions(n), block_tables, logits_rows = {n - 1};
+    for (int i = 0; i < n; ++i) {
+      ids[i] = 3 + i % 1000;
+      positions[i] = i;
+    }
+    std::vector<int32_t> table;
+    LS_CHECK((*cache)->EnsureCapacity(n, &table).ok());
+    table.resize(stride, table.back());
+    for (int i = 0; i < n; ++i) block_tables.insert(block_tables.end(), table.begin(), table.end());
+    ForwardBatch batch;
+    batch.token_ids = ids;
+    batch.positions = positions;
+    batch.block_tables = block_tables;
+    batch.block_table_stride = static_cast<int64_t>(stride);
+    batch.logits_rows = logits_rows;
+    const auto t0 = Clock::now();
+    const absl::Status st = (*model)->Forward(batch, **cache, logits.data());
+    const double t = Seconds(Clock::now() - t0);
+    LS_CHECK(st.ok()) << st;
+    absl::StrAppendFormat(&json,
+                          "  \"prefill\": {\"tokens\": %d, \"seconds\": %.3f, "
+                          "\"tokens_per_second\": %.2f},\n",
+                          n, t, n / t);
+    std::fprintf(stderr, "prefill %d tokens: %.2f tokens/s\n", n, n / t);
+  }
+
+  const Isa bw_isa = (*backend)->isa() == Isa::kAvx512 ? Isa::kAvx512 : Isa::kAvx2;
+  const double bandwidth = MeasureReadBandwidth((*backend)->threads(), bw_isa, size_t{1} << 30);
+  const double achieved = static_cast<double>(step_weight_bytes) / batch1_step;
+  absl::StrAppendFormat(&json, "  \"read_bandwidth_bytes_per_second\": %.0f,\n", bandwidth);
+  absl::StrAppendFormat(&json, "  \"batch1_weight_bytes_per_second\": %.0f,\n", achieved);
+  absl::StrAppendFormat(&json, "  \"batch1_bandwidth_ratio\": %.3f,\n", achieved / bandwidth);
+  absl::StrAppendFormat(&json, "  \"kv_bytes_per_token\": %d,\n",
+                        KvCache::BlockBytes(kv) / static_cast<uint64_t>(kv.block_tokens));
+  absl::StrAppendFormat(&json, "  \"kv_cache_bytes\": %d,\n", (*cache)->total_bytes());
+  absl::StrAppendFormat(&json, "  \"peak_rss_bytes\": %d,\n", PeakRssBytes());
+  absl::StrAppendFormat(
+      &json, "  \"peak_rss_over_weight_bytes\": %.3f\n}\n",
+      static_cast<double>(PeakRssBytes()) / static_cast<double>((*weights)->arena_bytes()));
+  std::fprintf(stderr,
+               "batch-1 weight stream %.2f GB/s of %.2f GB/s measured read bandwidth: %.3f\n",
+               achieved / 1e9, bandwidth / 1e9, achieved / bandwidth);
+  std::fputs(json.c_str(), stdout);
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) std::ofstream(out) << json;
+  return 0;
+}
+
+}  // namespace
+}  // namespace ls
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return ls::Main();
+}
