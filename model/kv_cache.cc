@@ -35,9 +35,14 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheOptions& o
   const size_t floats_per_layer =
       static_cast<size_t>(blocks) * options.block_tokens * options.num_kv_heads * options.head_dim;
   for (int l = 0; l < options.num_layers; ++l) {
-    // Zero-filled so that no uninitialised memory is ever read, even by a buggy caller.
-    auto k = std::make_unique<float[]>(floats_per_layer);
-    auto v = std::make_unique<float[]>(floats_per_layer);
+    std::unique_ptr<float, FreeDeleter> k(
+        static_cast<float*>(std::calloc(floats_per_layer, sizeof(float))));
+    std::unique_ptr<float, FreeDeleter> v(
+        static_cast<float*>(std::calloc(floats_per_layer, sizeof(float))));
+    if (k == nullptr || v == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("--kv_cache_bytes=", options.cache_bytes, ": cannot allocate the KV cache"));
+    }
     KvLayerView view;
     view.k = k.get();
     view.v = v.get();

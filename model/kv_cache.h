@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -56,7 +57,12 @@ class KvCache {
 
   KvCacheOptions options_;
   int32_t num_blocks_ = 0;
-  std::vector<std::unique_ptr<float[]>> storage_;  // 2 per layer
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+  // 2 per layer, from calloc: zeroed pages the kernel maps lazily, so an unused pool costs no
+  // resident memory and no start-up time, yet no byte is ever uninitialised.
+  std::vector<std::unique_ptr<float, FreeDeleter>> storage_;
   std::vector<KvLayerView> layers_;
   std::vector<int32_t> free_;  // a stack; LIFO keeps recently used blocks warm in cache
   std::atomic<int32_t> used_{0};

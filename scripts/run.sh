@@ -4,19 +4,25 @@
 # drains it and exits 0.
 #
 #   scripts/run.sh [loraserve flags...]     e.g. scripts/run.sh --model=/path/to/hf-model
+#
+# Without --model it serves the smallest model the repository has: a tiny random Llama from
+# the golden test fixtures (it computes, but writes noise; the demo model replaces it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh"
 bin="$root/build/server/loraserve"
 ctl="$root/build/client/loractl"
 
+model_args=()
+case " $* " in *" --model="*|*" --model "*) ;; *) model_args=(--model="$root/tests/golden/fixtures/llama_gqa") ;; esac
 address="${LS_ADDRESS:-127.0.0.1:50051}"
 metrics="${LS_METRICS_ADDRESS:-127.0.0.1:9464}"
 ready_file="$(mktemp)"
 trap 'rm -f "$ready_file"' EXIT
 # The server runs in its own session so that Ctrl-C reaches it once, forwarded by the trap below
 # as SIGTERM (a second signal would cut its drain short).
-setsid "$bin" --address="$address" --metrics_address="$metrics" "$@" >"$ready_file" &
+setsid "$bin" --address="$address" --metrics_address="$metrics" "${model_args[@]}" "$@" \
+  >"$ready_file" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
 
