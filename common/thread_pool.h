@@ -75,8 +75,8 @@ class ThreadPool {
   std::atomic<int> pending_{0};
 
   Mutex mu_;
-  CondVar work_cv_;                       // workers wait here for a new generation or stop_
-  CondVar done_cv_;                       // the caller waits here for pending_ == 0
+  CondVar work_cv_;                         // workers wait here for a new generation or stop_
+  CondVar done_cv_;                         // the caller waits here for pending_ == 0
   bool stop_ ABSL_GUARDED_BY(mu_) = false;  // set once, by the destructor
 
   std::vector<std::thread> workers_;

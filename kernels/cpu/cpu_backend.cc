@@ -70,9 +70,8 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(const CpuBackendO
         absl::StrCat("CpuBackend: threads = ", options.threads, ", expected >= 0 (0 = all CPUs)"));
   }
   if (options.max_context < 1 || options.max_context > kMaxContextLimit) {
-    return absl::InvalidArgumentError(absl::StrCat("CpuBackend: max_context = ",
-                                                   options.max_context, ", expected 1..",
-                                                   kMaxContextLimit));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CpuBackend: max_context = ", options.max_context, ", expected 1..", kMaxContextLimit));
   }
   const Isa isa = options.isa == Isa::kAuto ? DetectIsa() : options.isa;
   if (!IsaSupported(isa)) {
@@ -91,7 +90,9 @@ CpuBackend::CpuBackend(Isa isa, const KernelTable* kernels, int threads, int64_t
       kernels_(kernels),
       max_context_(max_context),
       pool_(threads),
-      attention_scratch_(new float[static_cast<size_t>(pool_.num_threads()) * max_context]) {}
+      attention_scratch_per_thread_(kernels->attention_heads_per_item * max_context),
+      attention_scratch_(
+          new float[static_cast<size_t>(pool_.num_threads()) * attention_scratch_per_thread_]) {}
 
 CpuBackend::~CpuBackend() = default;
 
@@ -102,7 +103,8 @@ absl::Status CpuBackend::MatMul(const float* x, int64_t m, int64_t ldx, const We
   constexpr absl::string_view kOp = "MatMul";
   if (m < 0) return Invalid(kOp, absl::StrCat("m = ", m, ", expected >= 0"));
   if (!IsWeightDType(w.dtype)) {
-    return Invalid(kOp, absl::StrCat("weight dtype ", DTypeName(w.dtype), ", expected F32 or BF16"));
+    return Invalid(kOp,
+                   absl::StrCat("weight dtype ", DTypeName(w.dtype), ", expected F32 or BF16"));
   }
   if (w.rows < 0 || w.cols < 0) {
     return Invalid(kOp, absl::StrCat("weight shape [", w.rows, ", ", w.cols, "]"));
@@ -146,8 +148,8 @@ absl::Status CpuBackend::RmsNorm(const float* x, int64_t m, int64_t d, const Wei
   constexpr absl::string_view kOp = "RmsNorm";
   if (m < 0 || d < 1) return Invalid(kOp, absl::StrCat("m = ", m, ", d = ", d));
   if (!IsWeightDType(weight.dtype)) {
-    return Invalid(kOp, absl::StrCat("weight dtype ", DTypeName(weight.dtype),
-                                     ", expected F32 or BF16"));
+    return Invalid(
+        kOp, absl::StrCat("weight dtype ", DTypeName(weight.dtype), ", expected F32 or BF16"));
   }
   if (weight.cols != d || weight.rows != 1) {
     return Invalid(kOp, absl::StrCat("weight shape [", weight.rows, ", ", weight.cols,
@@ -220,15 +222,14 @@ absl::Status CpuBackend::Rope(float* x, int64_t m, int64_t ld, int num_heads, in
 }
 
 absl::Status CpuBackend::WriteKv(const float* k, int64_t ldk, const float* v, int64_t ldv,
-                                 int64_t m, const int32_t* slot_mapping,
-                                 const KvLayerView& cache) {
+                                 int64_t m, const int32_t* slot_mapping, const KvLayerView& cache) {
   constexpr absl::string_view kOp = "WriteKv";
   if (m < 0) return Invalid(kOp, absl::StrCat("m = ", m, ", expected >= 0"));
   if (cache.num_blocks < 1 || cache.block_tokens < 1 || cache.num_kv_heads < 1 ||
       cache.head_dim < 1) {
-    return Invalid(kOp, absl::StrCat("cache geometry: ", cache.num_blocks, " blocks of ",
-                                     cache.block_tokens, " tokens, ", cache.num_kv_heads,
-                                     " kv heads of ", cache.head_dim));
+    return Invalid(
+        kOp, absl::StrCat("cache geometry: ", cache.num_blocks, " blocks of ", cache.block_tokens,
+                          " tokens, ", cache.num_kv_heads, " kv heads of ", cache.head_dim));
   }
   if (m == 0) return absl::OkStatus();
   if (k == nullptr || v == nullptr || slot_mapping == nullptr || cache.k == nullptr ||
@@ -256,8 +257,8 @@ absl::Status CpuBackend::WriteKv(const float* k, int64_t ldk, const float* v, in
 }
 
 absl::Status CpuBackend::Attention(const float* q, int64_t ldq, int num_heads,
-                                   const AttentionRows& rows, const KvLayerView& cache,
-                                   float scale, float* out, int64_t ldo) {
+                                   const AttentionRows& rows, const KvLayerView& cache, float scale,
+                                   float* out, int64_t ldo) {
   constexpr absl::string_view kOp = "Attention";
   const int64_t m = rows.m;
   if (m < 0) return Invalid(kOp, absl::StrCat("m = ", m, ", expected >= 0"));
@@ -270,8 +271,8 @@ absl::Status CpuBackend::Attention(const float* q, int64_t ldq, int num_heads,
                                      cache.block_tokens, " tokens, head_dim ", cache.head_dim));
   }
   if (m == 0) return absl::OkStatus();
-  if (q == nullptr || out == nullptr || rows.positions == nullptr ||
-      rows.block_tables == nullptr || cache.k == nullptr || cache.v == nullptr) {
+  if (q == nullptr || out == nullptr || rows.positions == nullptr || rows.block_tables == nullptr ||
+      cache.k == nullptr || cache.v == nullptr) {
     return Invalid(kOp, "null pointer");
   }
   const int64_t width = static_cast<int64_t>(num_heads) * cache.head_dim;
@@ -311,20 +312,30 @@ absl::Status CpuBackend::Attention(const float* q, int64_t ldq, int num_heads,
   args.scale = scale;
   args.out = out;
   args.ldo = ldo;
-  const auto attention_head = kernels_->attention_head;
+  // Work items: (row, kv head, a run of up to attention_heads_per_item of its query heads).
+  const auto attention = kernels_->attention;
+  const int group = num_heads / cache.num_kv_heads;
+  const int per_item = kernels_->attention_heads_per_item;
+  const int items_per_group = (group + per_item - 1) / per_item;
+  const int64_t items_per_row = static_cast<int64_t>(cache.num_kv_heads) * items_per_group;
   float* const scratch = attention_scratch_.get();
-  const int64_t max_context = max_context_;
+  const int64_t scratch_per_thread = attention_scratch_per_thread_;
   auto items = [&](int64_t begin, int64_t end, int thread_index) {
-    float* scores = scratch + thread_index * max_context;
+    float* scores = scratch + thread_index * scratch_per_thread;
     for (int64_t item = begin; item < end; ++item) {
-      attention_head(args, item / num_heads, static_cast<int>(item % num_heads), scores);
+      const int64_t row = item / items_per_row;
+      const int64_t in_row = item % items_per_row;
+      const int kv_head = static_cast<int>(in_row / items_per_group);
+      const int first = static_cast<int>(in_row % items_per_group) * per_item;
+      const int heads = first + per_item <= group ? per_item : group - first;
+      attention(args, row, kv_head * group + first, heads, scores);
     }
   };
   // Two passes over head_dim per key (q.k and p.v), plus an expf.
   if (total_tokens * num_heads * (2 * cache.head_dim + 16) < kMinParallelWork) {
-    items(0, m * num_heads, 0);
+    items(0, m * items_per_row, 0);
   } else {
-    pool_.ParallelFor(m * num_heads, items);
+    pool_.ParallelFor(m * items_per_row, items);
   }
   return absl::OkStatus();
 }
@@ -365,8 +376,8 @@ absl::Status CpuBackend::Embedding(const int32_t* ids, int64_t m, const WeightVi
   constexpr absl::string_view kOp = "Embedding";
   if (m < 0) return Invalid(kOp, absl::StrCat("m = ", m, ", expected >= 0"));
   if (!IsWeightDType(table.dtype)) {
-    return Invalid(kOp, absl::StrCat("table dtype ", DTypeName(table.dtype),
-                                     ", expected F32 or BF16"));
+    return Invalid(kOp,
+                   absl::StrCat("table dtype ", DTypeName(table.dtype), ", expected F32 or BF16"));
   }
   if (m == 0) return absl::OkStatus();
   if (ids == nullptr || out == nullptr || table.data == nullptr) {
@@ -378,8 +389,8 @@ absl::Status CpuBackend::Embedding(const int32_t* ids, int64_t m, const WeightVi
   }
   for (int64_t i = 0; i < m; ++i) {
     if (ids[i] < 0 || ids[i] >= table.rows) {
-      return Invalid(kOp, absl::StrCat("ids[", i, "] = ", ids[i], ", expected 0..",
-                                       table.rows - 1));
+      return Invalid(kOp,
+                     absl::StrCat("ids[", i, "] = ", ids[i], ", expected 0..", table.rows - 1));
     }
   }
   auto rows = [&](int64_t begin, int64_t end, int) {

@@ -22,9 +22,10 @@
 //   Embedding  exact widening (BF16 -> F32 is a 16-bit shift).
 // expf is the C library's, called one element at a time by every ISA path.
 //
-// Work split: MatMul over weight rows (columns of y) in blocks of 16, Attention over (row, query
-// head) pairs, the row-wise ops over rows; small calls run on the calling thread alone. The
-// partition never changes a result.
+// Work split: MatMul over weight rows (columns of y) in blocks of 16; Attention over (row, kv
+// head, up to 4 of its query heads) items, which share each key and value row they load; the
+// row-wise ops over rows. Small calls run on the calling thread alone. The partition never
+// changes a result.
 //
 // Thread safety: a CpuBackend is driven by one thread at a time (the engine thread); ops are not
 // reentrant (they share the pool and the attention scratch). Pointers must not alias except
@@ -52,7 +53,7 @@ struct CpuBackendOptions {
   // Threads the ops use, the calling thread included. 0: the CPUs this process may run on.
   int threads = 0;
   // The longest sequence Attention serves: positions must be < max_context. Sizes the per-thread
-  // attention scratch (threads * max_context floats).
+  // attention scratch (threads * 4 * max_context floats).
   int64_t max_context = 4096;
   // kAuto picks DetectIsa(); forcing a path this CPU lacks fails with FAILED_PRECONDITION.
   Isa isa = Isa::kAuto;
@@ -99,7 +100,9 @@ class CpuBackend final : public Backend {
   const cpu_internal::KernelTable* const kernels_;
   const int64_t max_context_;
   ThreadPool pool_;
-  // threads * max_context floats: thread t's attention scores live at t * max_context_.
+  // Attention scores: thread t's live at t * attention_scratch_per_thread_ (room for the query
+  // heads of one work item times max_context).
+  const int64_t attention_scratch_per_thread_;
   std::unique_ptr<float[]> attention_scratch_;
 };
 

@@ -5,9 +5,13 @@
 //       dots[i * NR + r] = dot(x[i * ldx + 0..k), w[r * ldw + 0..k)) for i < MR, r < NR, each in
 //       the canonical order of kernels/backend.h (16 lanes, lane l takes k = l mod 16 with FMA,
 //       combined 8/4/2/1). W is float (F32 weights) or uint16_t (BF16 bits, widened exactly).
-//   Ops::Axpy(a, v, out, d)
-//       out[j] = fma(a, v[j], out[j]) for j < d (elementwise, so any vector width gives the same
-//       bits as the scalar fma).
+//   Ops::Vec, kLanes, Mask, MakeMask(n), Zero(), Set1(a), Load(p), LoadMasked(p, mask),
+//   Store(p, v), StoreMasked(p, v, mask), Fma(a, b, c)
+//       a vector of kLanes floats for elementwise work (attention's weighted values); Fma is the
+//       fused multiply-add per lane, so any vector width gives the same bits as scalar fmaf.
+//   Ops::kAttentionHeads, kAttentionKeys, kValueAccumulators
+//       attention: query heads per work item (at most 4), keys per score tile (heads * keys at
+//       most kMaxTile), vector accumulators the weighted-value pass may keep in registers.
 //   Ops::kMaxTile, kSkinnyMaxRows, SkinnyRows(m), SkinnyCols(rows), kTileRows, kTileCols
 //       register-blocking choices (see MatMulColumns).
 //
@@ -54,6 +58,12 @@ inline float Bf16BitsToFloat(uint16_t h) {
 
 inline float LoadWeight(const float* w, int64_t i) { return w[i]; }
 inline float LoadWeight(const uint16_t* w, int64_t i) { return Bf16BitsToFloat(w[i]); }
+
+// Asks for the cache lines of `count` floats at p. Attention uses it one KV block ahead: blocks
+// are scattered through the cache, so the hardware prefetchers cannot see the next one coming.
+inline void PrefetchFloats(const float* p, int count) {
+  for (int i = 0; i < count; i += 16) __builtin_prefetch(p + i);
+}
 
 // ---- Tile dispatch: run-time (mr, nr) to the compile-time Tile<MR, NR, W>. ----------------------
 
@@ -123,7 +133,7 @@ float Dot(const float* a, const float* b, int64_t k) {
   return dot;
 }
 
-// ---- MatMul --------------------------------------------------------------------------------------
+// ---- MatMul -------------------------------------------------------------------------------------
 
 // y = dot + bias, or y += dot + bias: the bias joins the finished dot product, then y.
 inline void StoreTile(const MatMulArgs& a, int64_t i0, int64_t j0, int mr, int nr,
@@ -193,7 +203,7 @@ void MatMulKernel(const MatMulArgs& args, int64_t col_begin, int64_t col_end) {
   }
 }
 
-// ---- RmsNorm -------------------------------------------------------------------------------------
+// ---- RmsNorm ------------------------------------------------------------------------------------
 
 template <class Ops, class W>
 void RmsNormRowTyped(const float* x, int64_t d, const W* weight, float eps, float* out) {
@@ -212,49 +222,196 @@ void RmsNormRowKernel(const float* x, int64_t d, const void* weight, bool weight
   }
 }
 
-// ---- Attention -----------------------------------------------------------------------------------
+// ---- Attention ----------------------------------------------------------------------------------
 
-// One (row, query head): scores s_t = dot(q, k_t) * scale for t = 0..p in increasing t, m = max
-// s_t, e_t = expf(s_t - m), sum = e_0 + e_1 + ... (sequential, increasing t), acc = 0 then
-// acc = fma(e_t, v_t, acc) for increasing t, out = acc / sum.
+// One pass of the weighted value sum for H heads over C vectors of head_dim (the last one
+// partial when kPartialLast): H * C accumulators stay in registers across all keys, each value
+// vector is loaded once for the H heads, and the H * C fma chains are independent.
+template <class Ops, int H, int C, bool kPartialLast>
+void ValuePass(const float* e, int64_t e_stride, const float* v_base, int64_t token_stride,
+               const int32_t* table, int64_t block_tokens, int64_t num_tokens, int last_lanes,
+               float* out, int64_t out_stride) {
+  if constexpr (H * C > Ops::kValueAccumulators) {
+    __builtin_trap();  // AttentionKernel never asks for more accumulators than registers
+  } else {
+    using Vec = typename Ops::Vec;
+    constexpr int kLanes = Ops::kLanes;
+    const typename Ops::Mask last_mask = Ops::MakeMask(last_lanes);
+    Vec acc[H][C];
+#pragma GCC unroll 8
+    for (int h = 0; h < H; ++h) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[h][c] = Ops::Zero();
+    }
+    const int64_t block_stride = block_tokens * token_stride;
+    for (int64_t t0 = 0, b = 0; t0 < num_tokens; t0 += block_tokens, ++b) {
+      const int64_t n = MinOf(block_tokens, num_tokens - t0);
+      const float* v_block = v_base + static_cast<int64_t>(table[b]) * block_stride;
+      const bool has_next = t0 + block_tokens < num_tokens;
+      const float* v_next =
+          has_next ? v_base + static_cast<int64_t>(table[b + 1]) * block_stride : nullptr;
+      for (int64_t o = 0; o < n; ++o) {
+        const float* v = v_block + o * token_stride;
+        if (has_next) PrefetchFloats(v_next + o * token_stride, C * kLanes);
+        Vec vc[C];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          vc[c] = (kPartialLast && c == C - 1) ? Ops::LoadMasked(v + c * kLanes, last_mask)
+                                               : Ops::Load(v + c * kLanes);
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < H; ++h) {
+          const Vec p = Ops::Set1(e[h * e_stride + t0 + o]);
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) acc[h][c] = Ops::Fma(p, vc[c], acc[h][c]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < H; ++h) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        if (kPartialLast && c == C - 1) {
+          Ops::StoreMasked(out + h * out_stride + c * kLanes, acc[h][c], last_mask);
+        } else {
+          Ops::Store(out + h * out_stride + c * kLanes, acc[h][c]);
+        }
+      }
+    }
+  }
+}
+
+template <class Ops, int H, bool kPartialLast>
+void ValuePassWithHeads(int chunks, const float* e, int64_t e_stride, const float* v_base,
+                        int64_t token_stride, const int32_t* table, int64_t block_tokens,
+                        int64_t num_tokens, int last_lanes, float* out, int64_t out_stride) {
+#define LS_VALUE_PASS_CASE(C)                                                            \
+  case C:                                                                                \
+    return ValuePass<Ops, H, C, kPartialLast>(e, e_stride, v_base, token_stride, table,  \
+                                              block_tokens, num_tokens, last_lanes, out, \
+                                              out_stride);
+  switch (chunks) {
+    LS_VALUE_PASS_CASE(1)
+    LS_VALUE_PASS_CASE(2)
+    LS_VALUE_PASS_CASE(3)
+    LS_VALUE_PASS_CASE(4)
+    LS_VALUE_PASS_CASE(5)
+    LS_VALUE_PASS_CASE(6)
+    LS_VALUE_PASS_CASE(7)
+    LS_VALUE_PASS_CASE(8)
+  }
+#undef LS_VALUE_PASS_CASE
+  __builtin_trap();
+}
+
+// heads in 1..4, chunks in 1..8, heads * chunks <= Ops::kValueAccumulators.
+template <class Ops, bool kPartialLast>
+void RunValuePass(int heads, int chunks, const float* e, int64_t e_stride, const float* v_base,
+                  int64_t token_stride, const int32_t* table, int64_t block_tokens,
+                  int64_t num_tokens, int last_lanes, float* out, int64_t out_stride) {
+  switch (heads) {
+    case 1:
+      return ValuePassWithHeads<Ops, 1, kPartialLast>(chunks, e, e_stride, v_base, token_stride,
+                                                      table, block_tokens, num_tokens, last_lanes,
+                                                      out, out_stride);
+    case 2:
+      return ValuePassWithHeads<Ops, 2, kPartialLast>(chunks, e, e_stride, v_base, token_stride,
+                                                      table, block_tokens, num_tokens, last_lanes,
+                                                      out, out_stride);
+    case 3:
+      return ValuePassWithHeads<Ops, 3, kPartialLast>(chunks, e, e_stride, v_base, token_stride,
+                                                      table, block_tokens, num_tokens, last_lanes,
+                                                      out, out_stride);
+    case 4:
+      return ValuePassWithHeads<Ops, 4, kPartialLast>(chunks, e, e_stride, v_base, token_stride,
+                                                      table, block_tokens, num_tokens, last_lanes,
+                                                      out, out_stride);
+  }
+  __builtin_trap();
+}
+
+// Attention for query heads [head0, head0 + heads) of one row, all reading the same kv head.
+// For each head: s_t = dot(q, k_t) * scale for t = 0..p, m = max s_t, e_t = expf(s_t - m),
+// sum = e_0 + e_1 + ... (sequential, increasing t), acc = 0 then acc = fma(e_t, v_t, acc) for
+// increasing t, out = acc / sum.
+//
+// Scores: Tile<heads, keys> over the heads' q vectors (adjacent in the row, stride head_dim) and
+// up to Ops::kAttentionKeys consecutive keys of one block (stride num_kv_heads * head_dim), so a
+// key is loaded once for all the heads of the item and the dots run as independent chains. Each
+// score is still one canonical dot. Weighted values: ValuePass, all heads of the item at once,
+// accumulators in registers (each element's fma chain still runs in increasing t).
 template <class Ops>
-void AttentionHeadKernel(const AttentionArgs& a, int64_t row, int head, float* scores) {
+void AttentionKernel(const AttentionArgs& a, int64_t row, int head0, int heads, float* scores) {
   const int head_dim = a.head_dim;
-  const int kv_head = head / (a.num_heads / a.num_kv_heads);
+  const int kv_head = head0 / (a.num_heads / a.num_kv_heads);
   const int64_t token_stride = static_cast<int64_t>(a.num_kv_heads) * head_dim;
   const float* k_base = a.k_cache + static_cast<int64_t>(kv_head) * head_dim;
   const float* v_base = a.v_cache + static_cast<int64_t>(kv_head) * head_dim;
-  const float* q = a.q + row * a.ldq + static_cast<int64_t>(head) * head_dim;
-  float* out = a.out + row * a.ldo + static_cast<int64_t>(head) * head_dim;
+  const float* q = a.q + row * a.ldq + static_cast<int64_t>(head0) * head_dim;
+  float* out = a.out + row * a.ldo + static_cast<int64_t>(head0) * head_dim;
   const int32_t* table = a.block_tables + row * a.block_table_stride;
   const int64_t num_tokens = static_cast<int64_t>(a.positions[row]) + 1;
   const int64_t block_tokens = a.block_tokens;
+  constexpr int kKeys = Ops::kAttentionKeys;
 
-  float max_score = -INFINITY;
+  // scores[h * num_tokens + t].
+  float dots[kMaxTileDim * kMaxTileDim];
+  const int64_t block_stride = block_tokens * token_stride;
   for (int64_t t0 = 0, b = 0; t0 < num_tokens; t0 += block_tokens, ++b) {
     const int64_t n = MinOf(block_tokens, num_tokens - t0);
-    const int64_t slot0 = static_cast<int64_t>(table[b]) * block_tokens;
-    for (int64_t o = 0; o < n; ++o) {
-      const float s = Dot<Ops>(q, k_base + (slot0 + o) * token_stride, head_dim) * a.scale;
-      scores[t0 + o] = s;
-      if (s > max_score) max_score = s;
+    const float* k_block = k_base + static_cast<int64_t>(table[b]) * block_stride;
+    const bool has_next = t0 + block_tokens < num_tokens;
+    const float* k_next =
+        has_next ? k_base + static_cast<int64_t>(table[b + 1]) * block_stride : nullptr;
+    for (int64_t o = 0; o < n; o += kKeys) {
+      const int keys = static_cast<int>(MinOf<int64_t>(kKeys, n - o));
+      if (has_next) {
+        for (int r = 0; r < keys; ++r) PrefetchFloats(k_next + (o + r) * token_stride, head_dim);
+      }
+      RunTile<Ops, float>(heads, keys, q, head_dim, k_block + o * token_stride, token_stride,
+                          head_dim, dots);
+      for (int h = 0; h < heads; ++h) {
+        for (int r = 0; r < keys; ++r) {
+          scores[h * num_tokens + t0 + o + r] = dots[h * keys + r] * a.scale;
+        }
+      }
     }
   }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float e = expf(scores[t] - max_score);
-    scores[t] = e;
-    sum += e;
+
+  // Softmax weights in place: e_t = expf(s_t - max), and each head's sum.
+  float sums[kMaxTileDim];
+  for (int h = 0; h < heads; ++h) {
+    float* e = scores + h * num_tokens;
+    float max_score = -INFINITY;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      if (e[t] > max_score) max_score = e[t];
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      e[t] = expf(e[t] - max_score);
+      sum += e[t];
+    }
+    sums[h] = sum;
   }
-  for (int d = 0; d < head_dim; ++d) out[d] = 0.0f;
-  for (int64_t t0 = 0, b = 0; t0 < num_tokens; t0 += block_tokens, ++b) {
-    const int64_t n = MinOf(block_tokens, num_tokens - t0);
-    const int64_t slot0 = static_cast<int64_t>(table[b]) * block_tokens;
-    for (int64_t o = 0; o < n; ++o) {
-      Ops::Axpy(scores[t0 + o], v_base + (slot0 + o) * token_stride, out, head_dim);
+
+  constexpr int kLanes = Ops::kLanes;
+  const int chunks_per_pass = MinOf(kMaxTileDim, Ops::kValueAccumulators / heads);
+  for (int d0 = 0; d0 < head_dim; d0 += chunks_per_pass * kLanes) {
+    const int width = MinOf(chunks_per_pass * kLanes, head_dim - d0);
+    const int chunks = (width + kLanes - 1) / kLanes;
+    const int last_lanes = width - (chunks - 1) * kLanes;
+    if (last_lanes == kLanes) {
+      RunValuePass<Ops, false>(heads, chunks, scores, num_tokens, v_base + d0, token_stride, table,
+                               block_tokens, num_tokens, last_lanes, out + d0, head_dim);
+    } else {
+      RunValuePass<Ops, true>(heads, chunks, scores, num_tokens, v_base + d0, token_stride, table,
+                              block_tokens, num_tokens, last_lanes, out + d0, head_dim);
     }
   }
-  for (int d = 0; d < head_dim; ++d) out[d] = out[d] / sum;
+  for (int h = 0; h < heads; ++h) {
+    float* out_h = out + h * head_dim;
+    for (int d = 0; d < head_dim; ++d) out_h[d] = out_h[d] / sums[h];
+  }
 }
 
 template <class Ops>
@@ -262,7 +419,8 @@ constexpr KernelTable MakeKernelTable() {
   KernelTable table{};
   table.matmul = &MatMulKernel<Ops>;
   table.rms_norm_row = &RmsNormRowKernel<Ops>;
-  table.attention_head = &AttentionHeadKernel<Ops>;
+  table.attention = &AttentionKernel<Ops>;
+  table.attention_heads_per_item = Ops::kAttentionHeads;
   return table;
 }
 

@@ -56,8 +56,10 @@ struct KernelTable {
   // float32 formula). `weight` is F32, or BF16 bits when `weight_bf16`. out may equal x.
   void (*rms_norm_row)(const float* x, int64_t d, const void* weight, bool weight_bf16, float eps,
                        float* out);
-  // Query head `head` of row `row`. `scores` has room for positions[row] + 1 floats.
-  void (*attention_head)(const AttentionArgs& args, int64_t row, int head, float* scores);
+  // Query heads [head0, head0 + heads) of row `row`, which must all map to one kv head and number
+  // at most attention_heads_per_item. `scores` has room for heads * (positions[row] + 1) floats.
+  void (*attention)(const AttentionArgs& args, int64_t row, int head0, int heads, float* scores);
+  int attention_heads_per_item;
 };
 
 // Always available.

@@ -37,9 +37,20 @@ struct ScalarOps {
     }
   }
 
-  static void Axpy(float a, const float* v, float* out, int64_t d) {
-    for (int64_t j = 0; j < d; ++j) out[j] = fmaf(a, v[j], out[j]);
-  }
+  using Vec = float;
+  using Mask = int;
+  static constexpr int kLanes = 1;
+  static constexpr int kAttentionHeads = 4;
+  static constexpr int kAttentionKeys = 8;
+  static constexpr int kValueAccumulators = 32;
+  static Mask MakeMask(int lanes) { return lanes; }
+  static Vec Zero() { return 0.0f; }
+  static Vec Set1(float a) { return a; }
+  static Vec Load(const float* p) { return *p; }
+  static Vec LoadMasked(const float* p, Mask /*mask*/) { return *p; }
+  static void Store(float* p, Vec v) { *p = v; }
+  static void StoreMasked(float* p, Vec v, Mask /*mask*/) { *p = v; }
+  static Vec Fma(Vec a, Vec b, Vec c) { return fmaf(a, b, c); }
 };
 
 constexpr KernelTable kScalarTable = MakeKernelTable<ScalarOps>();

@@ -153,8 +153,8 @@ struct TestWeight {
     std::memcpy(&y, b + i, sizeof(y));
     if (x != y) {
       return ::testing::AssertionFailure()
-             << absl::StrCat("element ", i, " of ", n, ": ", a[i], " (0x", absl::Hex(x),
-                             ") vs ", b[i], " (0x", absl::Hex(y), ")");
+             << absl::StrCat("element ", i, " of ", n, ": ", a[i], " (0x", absl::Hex(x), ") vs ",
+                             b[i], " (0x", absl::Hex(y), ")");
     }
   }
   return ::testing::AssertionSuccess();
@@ -256,8 +256,8 @@ TEST(CpuMatMul, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads) {
               for (int64_t i = 0; i < m; ++i) {
                 for (int64_t j = 0; j < n; ++j) {
                   const double tolerance = 1e-5 * magnitude[i * n + j] + 1e-6;
-                  ASSERT_NEAR(y[i * ldy + j], ref[i * n + j], tolerance) << "y[" << i << ", "
-                                                                         << j << "]";
+                  ASSERT_NEAR(y[i * ldy + j], ref[i * n + j], tolerance)
+                      << "y[" << i << ", " << j << "]";
                 }
                 // Padding between rows is untouched.
                 for (int64_t j = n; j < ldy && i + 1 < m; ++j) {
@@ -321,10 +321,10 @@ TEST(CpuMatMul, RowIsBitIdenticalAloneAndAnywhereInAnyBatch) {
             std::vector<float> x = rng.Vector(m * ldx);
             std::copy(row.begin(), row.end(), x.begin() + at * ldx);
             std::vector<float> batch_y(m * n);
-            ASSERT_TRUE(config.backend
-                            ->MatMul(x.data(), m, ldx, w.view(), bias.data(), batch_y.data(), n,
-                                     false)
-                            .ok());
+            ASSERT_TRUE(
+                config.backend
+                    ->MatMul(x.data(), m, ldx, w.view(), bias.data(), batch_y.data(), n, false)
+                    .ok());
             ASSERT_TRUE(BitEqual(batch_y.data() + at * n, alone.data(), n));
           }
         }
@@ -405,16 +405,16 @@ TEST(CpuRmsNorm, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads) {
           for (const Config& config : configs) {
             SCOPED_TRACE(config.label);
             std::vector<float> out(m * d);
-            ASSERT_TRUE(config.backend->RmsNorm(x.data(), m, d, weight.view(), eps, out.data())
-                            .ok());
+            ASSERT_TRUE(
+                config.backend->RmsNorm(x.data(), m, d, weight.view(), eps, out.data()).ok());
             for (int64_t i = 0; i < m * d; ++i) {
               ASSERT_NEAR(out[i], ref[i], 2e-5 * std::fabs(ref[i]) + 1e-30) << "element " << i;
             }
             // In place gives the same bits.
             std::vector<float> in_place = x;
-            ASSERT_TRUE(config.backend
-                            ->RmsNorm(in_place.data(), m, d, weight.view(), eps, in_place.data())
-                            .ok());
+            ASSERT_TRUE(
+                config.backend->RmsNorm(in_place.data(), m, d, weight.view(), eps, in_place.data())
+                    .ok());
             ASSERT_TRUE(BitEqual(in_place, out));
             if (golden.empty()) {
               golden = out;
@@ -490,10 +490,10 @@ TEST(CpuRope, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads) {
         for (const Config& config : configs) {
           SCOPED_TRACE(config.label);
           std::vector<float> out = x;
-          ASSERT_TRUE(config.backend
-                          ->Rope(out.data(), m, ld, num_heads, head_dim, positions.data(),
-                                 inv_freq.data())
-                          .ok());
+          ASSERT_TRUE(
+              config.backend
+                  ->Rope(out.data(), m, ld, num_heads, head_dim, positions.data(), inv_freq.data())
+                  .ok());
           const int half = head_dim / 2;
           for (int64_t i = 0; i < m; ++i) {
             for (int h = 0; h < num_heads; ++h) {
@@ -583,9 +583,9 @@ TEST(CpuWriteKv, WritesRowsIntoTheirSlotsExactly) {
     EXPECT_TRUE(BitEqual(cache.v, expected.v));
     // A slot outside the cache is rejected before anything is written.
     const std::vector<int32_t> bad = {1, 24};
-    EXPECT_EQ(config.backend->WriteKv(k.data(), ldk, v.data(), ldv, 2, bad.data(), cache.view)
-                  .code(),
-              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(
+        config.backend->WriteKv(k.data(), ldk, v.data(), ldv, 2, bad.data(), cache.view).code(),
+        absl::StatusCode::kInvalidArgument);
     EXPECT_TRUE(BitEqual(cache.k, expected.k));
   }
 }
@@ -657,18 +657,18 @@ TEST(CpuAttention, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads)
       {6, 1, 17, 1},    // multi-query, odd head_dim, one token per block
       {8, 2, 100, 5},   // GQA, head_dim not a multiple of 16
       {2, 2, 128, 32},  // Llama head_dim
+      {8, 2, 128, 16},  // GQA with head_dim 128: the value sum takes two register passes
+      {3, 3, 256, 8},   // head_dim 256
   };
   for (const AttentionShape& shape : shapes) {
     SCOPED_TRACE(absl::StrCat("heads=", shape.num_heads, " kv_heads=", shape.num_kv_heads,
-                              " head_dim=", shape.head_dim, " block_tokens=",
-                              shape.block_tokens));
+                              " head_dim=", shape.head_dim, " block_tokens=", shape.block_tokens));
     const int32_t num_blocks = 400 / shape.block_tokens + 8;
     TestCache cache(rng, num_blocks, shape.block_tokens, shape.num_kv_heads, shape.head_dim);
     BlockAllocator allocator(rng, num_blocks);
-    const std::vector<Sequence> seqs = {allocator.Allocate(1, shape.block_tokens),
-                                        allocator.Allocate(7, shape.block_tokens),
-                                        allocator.Allocate(33, shape.block_tokens),
-                                        allocator.Allocate(200, shape.block_tokens)};
+    const std::vector<Sequence> seqs = {
+        allocator.Allocate(1, shape.block_tokens), allocator.Allocate(7, shape.block_tokens),
+        allocator.Allocate(33, shape.block_tokens), allocator.Allocate(200, shape.block_tokens)};
     const int64_t stride = 200 / shape.block_tokens + 2;
     Batch batch;
     // Prefill-like rows (every position of the 7-token sequence), decode rows (the last
@@ -691,10 +691,10 @@ TEST(CpuAttention, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads)
     for (const Config& config : configs) {
       SCOPED_TRACE(config.label);
       std::vector<float> out(rows.m * ldo, 123.0f);
-      ASSERT_TRUE(config.backend
-                      ->Attention(q.data(), ldq, shape.num_heads, rows, cache.view, scale,
-                                  out.data(), ldo)
-                      .ok());
+      ASSERT_TRUE(
+          config.backend
+              ->Attention(q.data(), ldq, shape.num_heads, rows, cache.view, scale, out.data(), ldo)
+              .ok());
       for (int64_t i = 0; i < rows.m; ++i) {
         for (int64_t j = 0; j < width; ++j) {
           ASSERT_NEAR(out[i * ldo + j], ref[i * width + j], 2e-5 * max_v)
@@ -736,8 +736,8 @@ TEST(CpuAttention, RowIsBitIdenticalAloneOrMixedAndAcrossBlockLayouts) {
     for (int32_t p : a_positions) alone.Add(a1, p, 10);
     std::vector<float> alone_out(a_positions.size() * width);
     ASSERT_TRUE(config.backend
-                    ->Attention(a_q.data(), width, shape.num_heads, alone.rows(), cache.view,
-                                scale, alone_out.data(), width)
+                    ->Attention(a_q.data(), width, shape.num_heads, alone.rows(), cache.view, scale,
+                                alone_out.data(), width)
                     .ok());
     // Each of A's rows by itself.
     for (size_t r = 0; r < a_positions.size(); ++r) {
@@ -776,10 +776,10 @@ TEST(CpuAttention, RowIsBitIdenticalAloneOrMixedAndAcrossBlockLayouts) {
                                 scale, mixed_out.data(), width)
                     .ok());
     ASSERT_EQ(a_rows.size(), 3u);
-    EXPECT_TRUE(BitEqual(mixed_out.data() + a_rows[0] * width, alone_out.data() + 1 * width,
-                         width));
-    EXPECT_TRUE(BitEqual(mixed_out.data() + a_rows[1] * width, alone_out.data() + 2 * width,
-                         width));
+    EXPECT_TRUE(
+        BitEqual(mixed_out.data() + a_rows[0] * width, alone_out.data() + 1 * width, width));
+    EXPECT_TRUE(
+        BitEqual(mixed_out.data() + a_rows[1] * width, alone_out.data() + 2 * width, width));
     EXPECT_TRUE(BitEqual(mixed_out.data() + a_rows[2] * width, alone_out.data(), width));
   }
 }
@@ -811,8 +811,8 @@ TEST(CpuAttention, GqaMapsQueryHeadsToKvHeads) {
     SCOPED_TRACE(config.label);
     std::vector<float> out(num_heads * head_dim);
     ASSERT_TRUE(config.backend
-                    ->Attention(q.data(), num_heads * head_dim, num_heads, batch.rows(),
-                                cache.view, 0.25f, out.data(), num_heads * head_dim)
+                    ->Attention(q.data(), num_heads * head_dim, num_heads, batch.rows(), cache.view,
+                                0.25f, out.data(), num_heads * head_dim)
                     .ok());
     const int group = num_heads / num_kv_heads;
     for (int h = 0; h < num_heads; ++h) {
@@ -838,9 +838,9 @@ TEST(CpuAttention, RejectsBadArguments) {
   Sequence seq;
   seq.table = {0, 1, 2, 3};
   batch.Add(seq, 16, 4);  // position 16 >= max_context
-  EXPECT_EQ((*backend)->Attention(q.data(), 8, 1, batch.rows(), cache.view, 1.0f, out.data(), 8)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      (*backend)->Attention(q.data(), 8, 1, batch.rows(), cache.view, 1.0f, out.data(), 8).code(),
+      absl::StatusCode::kInvalidArgument);
   Batch bad_block;
   seq.table = {0, 4};  // block 4 is outside the cache
   bad_block.Add(seq, 9, 2);
@@ -880,9 +880,8 @@ TEST(CpuSiluMul, MatchesFloat64ReferenceAndIsBitIdenticalAcrossIsasAndThreads) {
       for (const Config& config : configs) {
         SCOPED_TRACE(config.label);
         std::vector<float> out(m * ldo, 5.0f);
-        ASSERT_TRUE(config.backend
-                        ->SiluMul(gate.data(), ldg, up.data(), ldu, m, f, out.data(), ldo)
-                        .ok());
+        ASSERT_TRUE(
+            config.backend->SiluMul(gate.data(), ldg, up.data(), ldu, m, f, out.data(), ldo).ok());
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t j = 0; j < f; ++j) {
             ASSERT_NEAR(out[i * ldo + j], ref[i * f + j], 1e-6 * std::fabs(ref[i * f + j]) + 1e-30)
