@@ -1,6 +1,7 @@
 #include "model/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -457,6 +458,15 @@ absl::StatusOr<TensorView> SafetensorsFile::View(const SafetensorsEntry& entry) 
   }
   // TensorView has no const flavour; the header documents that this memory is read-only.
   return TensorView(const_cast<uint8_t*>(entry.data), entry.dtype, entry.shape);
+}
+
+void SafetensorsFile::ReleasePages(const SafetensorsEntry& entry) const {
+  if (mapping_ == nullptr) return;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(entry.data);
+  const uintptr_t begin = (start + page - 1) & ~(page - 1);
+  const uintptr_t end = (start + entry.nbytes()) & ~(page - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 void SafetensorsFile::CopyTo(const SafetensorsEntry& entry, void* dst) {

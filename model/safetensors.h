@@ -115,6 +115,10 @@ class SafetensorsFile {
   absl::StatusOr<TensorView> View(const SafetensorsEntry& entry) const;
   // Copies the entry's nbytes() raw bytes to `dst` (any alignment).
   static void CopyTo(const SafetensorsEntry& entry, void* dst);
+  // Tells the kernel the entry's bytes will not be read again soon, so a file mapping's pages
+  // can leave memory (a later read faults them back in from the file). Does nothing for Parse()
+  // buffers, whose memory is the caller's.
+  void ReleasePages(const SafetensorsEntry& entry) const;
   // Converts an F32, F16 or BF16 tensor to float32, aligned or not. INVALID_ARGUMENT naming the
   // file and tensor for any other dtype, or when `dst` does not hold exactly numel() floats.
   absl::Status ReadAsFloat32(const SafetensorsEntry& entry, absl::Span<float> dst) const;

@@ -345,6 +345,9 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const Safetensors
     } else {
       ConvertToBf16(e, f16_table, reinterpret_cast<uint16_t*>(base) + slot->element_offset);
     }
+    // The arena holds the tensor now: let the kernel drop its file pages, so that loading never
+    // needs the checkpoint and the arena resident at the same time.
+    ckpt.Find(name)->file->ReleasePages(e);
     num_parameters += e.numel();
   }
   w->num_parameters_ = num_parameters;
