@@ -723,6 +723,31 @@ TEST(SafetensorsWriterTest, RoundTripFloatDtypes) {
   });
 }
 
+// Loading converts each tensor and then releases its pages; the bytes must read back intact
+// afterwards (a file mapping refaults from the file), and a Parse() buffer must be left alone.
+TEST(SafetensorsReleasePagesTest, BytesReadBackUnchanged) {
+  TempDir dir;
+  const std::string path = dir.File("model.safetensors");
+  const std::vector<OwnedTensor> tensors = {RandomTensor("big", DType::kF32, {64, 1024}, 21),
+                                            RandomTensor("small", DType::kBF16, {5}, 22)};
+  ASSERT_TRUE(WriteSafetensors(path, Refs(tensors)).ok());
+  auto mapped = SafetensorsFile::Open(path);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  absl::StatusOr<std::string> bytes = SerializeSafetensors(Refs(tensors));
+  ASSERT_TRUE(bytes.ok());
+  auto parsed = SafetensorsFile::Parse(
+      absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size()));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  for (const SafetensorsFile* file : {mapped->get(), parsed->get()}) {
+    for (const OwnedTensor& t : tensors) {
+      const SafetensorsEntry* e = file->Find(t.name);
+      ASSERT_NE(e, nullptr);
+      file->ReleasePages(*e);
+      EXPECT_EQ(std::memcmp(e->data, t.bytes.data(), t.bytes.size()), 0) << t.name;
+    }
+  }
+}
+
 TEST(SafetensorsWriterTest, RoundTripIntDtypes) {
   RoundTrip({
       RandomTensor("bool", DType::kBool, {5}, 21),
