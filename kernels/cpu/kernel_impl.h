@@ -135,25 +135,32 @@ float Dot(const float* a, const float* b, int64_t k) {
 
 // ---- MatMul -------------------------------------------------------------------------------------
 
-// y = dot + bias, or y += dot + bias: the bias joins the finished dot product, then y.
+// y = dot + bias, or y += dot + bias: the bias joins the finished dot product, then y. Tile
+// column r is output column j0 + r * jstride.
 inline void StoreTile(const MatMulArgs& a, int64_t i0, int64_t j0, int mr, int nr,
-                      const float* dots) {
+                      const float* dots, int64_t jstride = 1) {
   for (int i = 0; i < mr; ++i) {
     float* y = a.y + (i0 + i) * a.ldy + j0;
     for (int r = 0; r < nr; ++r) {
+      const int64_t j = r * jstride;
       float v = dots[i * nr + r];
-      if (a.bias != nullptr) v = v + a.bias[j0 + r];
-      y[r] = a.accumulate ? y[r] + v : v;
+      if (a.bias != nullptr) v = v + a.bias[j0 + j];
+      y[j] = a.accumulate ? y[j] + v : v;
     }
   }
 }
 
 // Columns [c0, c1) of y.
 //
-// Skinny (decode) path, m <= Ops::kSkinnyMaxRows: walk the weight rows once, SkinnyCols() at a
-// time; for each group, every row of x in tiles of SkinnyRows() rows (usually all m at once). The
-// group's weights come from memory once and from L1 for any further row tile, so each weight byte
-// crosses the memory bus once per call however many rows there are.
+// Skinny (decode) path, m <= Ops::kSkinnyMaxRows: walk the weight rows once, in groups of
+// SkinnyCols() rows; for each group, every row of x in tiles of SkinnyRows() rows (usually all m
+// at once). The group's weights come from memory once and from L1 for any further row tile, so
+// each weight byte crosses the memory bus once per call however many rows there are. The range
+// is cut into SkinnyCols() equal stretches of `len` rows and a group takes the same row of each
+// (a tile with row stride len * k): every tile row is then one long sequential stream through
+// its stretch, which keeps SkinnyCols() streams in flight at once (the memory system delivers
+// markedly more bandwidth to several far-apart streams than to one). Rows left over after the
+// stretches go in ordinary adjacent groups.
 //
 // Tiled (prefill) path: blocks of weight rows sized to stay in L2; for each block, every
 // kTileRows-row tile of x against the block's kTileCols-row groups. The x tile is reused from L1
@@ -166,7 +173,15 @@ void MatMulColumns(const MatMulArgs& a, int64_t c0, int64_t c1) {
   if (a.m <= Ops::kSkinnyMaxRows) {
     const int rows = Ops::SkinnyRows(a.m);
     const int cols = Ops::SkinnyCols(rows);
-    for (int64_t j = c0; j < c1; j += cols) {
+    const int64_t len = (c1 - c0) / cols;
+    for (int64_t j = c0; j < c0 + len; ++j) {
+      for (int64_t i = 0; i < a.m; i += rows) {
+        const int mr = static_cast<int>(MinOf<int64_t>(rows, a.m - i));
+        RunTile<Ops, W>(mr, cols, a.x + i * a.ldx, a.ldx, w + j * k, len * k, k, dots);
+        StoreTile(a, i, j, mr, cols, dots, len);
+      }
+    }
+    for (int64_t j = c0 + len * cols; j < c1; j += cols) {
       const int nr = static_cast<int>(MinOf<int64_t>(cols, c1 - j));
       for (int64_t i = 0; i < a.m; i += rows) {
         const int mr = static_cast<int>(MinOf<int64_t>(rows, a.m - i));
