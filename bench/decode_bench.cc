@@ -1,8 +1,8 @@
 // CPU decode/prefill benchmark on a model with TinyLlama-1.1B's shapes (random bf16 weights made
 // here): decode tokens/s at batch 1, 8 and 32 with 512 tokens of context, the weight bytes per
 // second a batch-1 step achieves divided by the memory read bandwidth measured in this same
-// process (same threads, best ISA, best of 5 reads of a buffer of max(1 GiB, 4 x LLC)), prefill tokens/s over
-// 512 tokens, KV bytes and peak RSS against weight bytes. Writes JSON to --out.
+// process (same threads, best ISA, best of 5 reads of a buffer of max(1 GiB, 4 x LLC)), prefill
+// tokens/s over 512 tokens, KV bytes and peak RSS against weight bytes. Writes JSON to --out.
 //
 //   build/bench/decode_bench --out=docs/benchmarks/cpu_decode.json [--threads=N]
 //
@@ -430,8 +430,7 @@ int Main() {
   const double bandwidth = std::max(bandwidth_before, bandwidth_after);
   const double achieved = static_cast<double>(step_weight_bytes) / batch1_step;
   absl::StrAppendFormat(&json, "  \"read_bandwidth_bytes_per_second\": %.0f,\n", bandwidth);
-  absl::StrAppendFormat(&json, "  \"read_bandwidth_buffer_bytes\": %d,\n",
-                        BandwidthBufferBytes());
+  absl::StrAppendFormat(&json, "  \"read_bandwidth_buffer_bytes\": %d,\n", BandwidthBufferBytes());
   absl::StrAppendFormat(&json, "  \"read_bandwidth_before_after\": [%.0f, %.0f],\n",
                         bandwidth_before, bandwidth_after);
   absl::StrAppendFormat(&json, "  \"batch1_weight_bytes_per_second\": %.0f,\n", achieved);
@@ -440,9 +439,9 @@ int Main() {
                         KvCache::BlockBytes(kv) / static_cast<uint64_t>(kv.block_tokens));
   absl::StrAppendFormat(&json, "  \"kv_cache_bytes\": %d,\n", (*cache)->total_bytes());
   absl::StrAppendFormat(&json, "  \"peak_rss_after_load_bytes\": %d,\n", peak_rss_after_load);
-  absl::StrAppendFormat(&json, "  \"peak_rss_after_load_over_weight_bytes\": %.3f,\n",
-                        static_cast<double>(peak_rss_after_load) /
-                            static_cast<double>((*weights)->arena_bytes()));
+  absl::StrAppendFormat(
+      &json, "  \"peak_rss_after_load_over_weight_bytes\": %.3f,\n",
+      static_cast<double>(peak_rss_after_load) / static_cast<double>((*weights)->arena_bytes()));
   absl::StrAppendFormat(&json, "  \"peak_rss_bytes\": %d,\n", PeakRssBytes());
   absl::StrAppendFormat(
       &json, "  \"peak_rss_over_weight_bytes\": %.3f\n}\n",

@@ -92,9 +92,8 @@ class Backend {
 
   // Writes rows' K and V (k/v: [m, num_kv_heads*head_dim] with row strides ldk/ldv) into the
   // cache at slot_mapping[i] = block * block_tokens + offset.
-  virtual absl::Status WriteKv(const float* k, int64_t ldk, const float* v, int64_t ldv,
-                               int64_t m, const int32_t* slot_mapping,
-                               const KvLayerView& cache) = 0;
+  virtual absl::Status WriteKv(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t m,
+                               const int32_t* slot_mapping, const KvLayerView& cache) = 0;
 
   // Causal attention over the paged cache, GQA: query head h reads kv head
   // h / (num_heads / num_kv_heads). q: [m, num_heads*head_dim] (row stride ldq), out likewise
@@ -102,16 +101,16 @@ class Backend {
   // max subtracted, keys visited in increasing position; then out = sum p_t * v_t in increasing t.
   // The backend owns its scratch, sized at creation for the longest context it serves.
   virtual absl::Status Attention(const float* q, int64_t ldq, int num_heads,
-                                 const AttentionRows& rows, const KvLayerView& cache,
-                                 float scale, float* out, int64_t ldo) = 0;
+                                 const AttentionRows& rows, const KvLayerView& cache, float scale,
+                                 float* out, int64_t ldo) = 0;
 
   // out[i, j] = silu(gate[i, j]) * up[i, j], silu(g) = g / (1 + exp(-g)); f columns.
   virtual absl::Status SiluMul(const float* gate, int64_t ldg, const float* up, int64_t ldu,
                                int64_t m, int64_t f, float* out, int64_t ldo) = 0;
 
   // out[i, :] = table[ids[i], :] widened to float32; ids must be < table.rows.
-  virtual absl::Status Embedding(const int32_t* ids, int64_t m, const WeightView& table,
-                                 float* out, int64_t ldo) = 0;
+  virtual absl::Status Embedding(const int32_t* ids, int64_t m, const WeightView& table, float* out,
+                                 int64_t ldo) = 0;
 };
 
 }  // namespace ls
