@@ -27,6 +27,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/dtype.h"
@@ -44,6 +45,9 @@ ABSL_FLAG(std::string, out, "", "Write the results as JSON here");
 ABSL_FLAG(int, threads, 0, "Compute threads (0 = all cores)");
 ABSL_FLAG(int, context, 512, "Tokens of context per sequence while decoding");
 ABSL_FLAG(int, decode_steps, 8, "Decode steps timed per batch size (best step time is used)");
+ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8", "32"}),
+          "Decode batch sizes to time (at most 32)");
+ABSL_FLAG(bool, prefill, true, "Also time a 512-token prefill");
 ABSL_FLAG(bool, bandwidth_only, false, "Only measure the read bandwidth and exit");
 ABSL_FLAG(std::string, model_dir, "", "Where the checkpoint is written (default: a temp dir)");
 
@@ -295,7 +299,12 @@ int Main() {
 
   const int context = absl::GetFlag(FLAGS_context);
   const int steps = absl::GetFlag(FLAGS_decode_steps);
-  const std::vector<int> batches = {1, 8, 32};
+  std::vector<int> batches;
+  for (const std::string& b : absl::GetFlag(FLAGS_batches)) {
+    int value = 0;
+    LS_CHECK(absl::SimpleAtoi(b, &value) && value >= 1 && value <= 32) << "--batches: " << b;
+    batches.push_back(value);
+  }
   CpuBackendOptions bo;
   bo.threads = absl::GetFlag(FLAGS_threads);
   bo.max_context = context + steps + 1;
@@ -394,7 +403,7 @@ int Main() {
   json += "  ],\n";
 
   // Prefill of 512 tokens of one sequence (in one batch).
-  {
+  if (absl::GetFlag(FLAGS_prefill)) {
     const int n = context;
     std::vector<int32_t> ids(n), positions(n), block_tables, logits_rows = {n - 1};
     for (int i = 0; i < n; ++i) {
