@@ -8,6 +8,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "common/logging.h"
 #include "server/build_info.h"
@@ -36,8 +38,15 @@ const char* SignalName(int sig) { return sig == SIGTERM ? "SIGTERM" : "SIGINT"; 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --help lists the server's flags, which live in server/options.cc rather than this file.
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "server/options.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "loraserve: serves one base language model and many LoRA adapters over gRPC.\n"
+      "serves one base language model and many LoRA adapters over gRPC.\n"
       "Usage: loraserve [--model=DIR] [--address=HOST:PORT] [--metrics_address=HOST:PORT] ...");
   absl::ParseCommandLine(argc, argv);  // unknown flags: message + exit 1
   auto options = ls::ServerOptionsFromFlags();

@@ -270,3 +270,11 @@ def test_port_in_use_fails_clearly(server):
                           timeout=60)
     assert proc.returncode == 1
     assert f"--address=127.0.0.1:{port}" in proc.stderr
+
+
+def test_help_lists_the_server_flags():
+    proc = subprocess.run([LORASERVE, "--help"], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    for flag in ("--address", "--metrics_address", "--model", "--kv_cache_bytes", "--threads",
+                 "--weights_dtype", "--drain_timeout"):
+        assert flag in out, flag
