@@ -12,6 +12,20 @@ log="$out/gpu-results.txt"
   echo "commit: $(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
 } | tee "$log"
+# A bundle from tests/gpu/bundle.sh (built on a machine with the Debian packages): run its
+# binaries as they are, for GPU hosts that cannot install packages.
+if [ -d "$root/.gpu-bundle" ]; then
+  rc=0
+  for t in "$root"/.gpu-bundle/*_test; do
+    echo "== $(basename "$t")" | tee -a "$log"
+    LD_LIBRARY_PATH="$root/.gpu-bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$t" 2>&1 |
+      tee -a "$log"
+    r=${PIPESTATUS[0]}
+    [ "$r" -eq 77 ] && echo "(skipped)" | tee -a "$log" && continue
+    [ "$r" -ne 0 ] && rc=$r
+  done
+  exit "$rc"
+fi
 arch="${LS_GPU_ARCH:-90}"
 start=$SECONDS
 if ! "$root/scripts/setup.sh" --build-dir "$root/build-gpu" -DLS_CUDA=ON \
