@@ -35,24 +35,22 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheOptions& o
   const size_t floats_per_layer =
       static_cast<size_t>(blocks) * options.block_tokens * options.num_kv_heads * options.head_dim;
   for (int l = 0; l < options.num_layers; ++l) {
-    std::unique_ptr<float, FreeDeleter> k(
-        static_cast<float*>(std::calloc(floats_per_layer, sizeof(float))));
-    std::unique_ptr<float, FreeDeleter> v(
-        static_cast<float*>(std::calloc(floats_per_layer, sizeof(float))));
-    if (k == nullptr || v == nullptr) {
+    absl::StatusOr<HugeBuffer> k = HugeBuffer::Allocate(floats_per_layer * sizeof(float));
+    absl::StatusOr<HugeBuffer> v = HugeBuffer::Allocate(floats_per_layer * sizeof(float));
+    if (!k.ok() || !v.ok()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("--kv_cache_bytes=", options.cache_bytes, ": cannot allocate the KV cache"));
     }
     KvLayerView view;
-    view.k = k.get();
-    view.v = v.get();
+    view.k = static_cast<float*>(k->data());
+    view.v = static_cast<float*>(v->data());
     view.num_blocks = cache->num_blocks_;
     view.block_tokens = options.block_tokens;
     view.num_kv_heads = options.num_kv_heads;
     view.head_dim = options.head_dim;
     cache->layers_.push_back(view);
-    cache->storage_.push_back(std::move(k));
-    cache->storage_.push_back(std::move(v));
+    cache->storage_.push_back(*std::move(k));
+    cache->storage_.push_back(*std::move(v));
   }
   cache->free_.reserve(blocks);
   for (int32_t b = cache->num_blocks_ - 1; b >= 0; --b) cache->free_.push_back(b);

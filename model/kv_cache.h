@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/huge_buffer.h"
 #include "kernels/backend.h"
 
 namespace ls {
@@ -57,12 +58,9 @@ class KvCache {
 
   KvCacheOptions options_;
   int32_t num_blocks_ = 0;
-  struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
-  };
-  // 2 per layer, from calloc: zeroed pages the kernel maps lazily, so an unused pool costs no
-  // resident memory and no start-up time, yet no byte is ever uninitialised.
-  std::vector<std::unique_ptr<float, FreeDeleter>> storage_;
+  // 2 per layer: zeroed pages the kernel maps lazily, so an unused pool costs no resident memory
+  // and no start-up time, yet no byte is ever uninitialised; huge pages for attention's reads.
+  std::vector<HugeBuffer> storage_;
   std::vector<KvLayerView> layers_;
   std::vector<int32_t> free_;  // a stack; LIFO keeps recently used blocks warm in cache
   std::atomic<int32_t> used_{0};

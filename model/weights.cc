@@ -301,20 +301,21 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const Safetensors
     total += AlignUp(static_cast<size_t>(region.rows * region.cols) * element_bytes);
   }
   std::unique_ptr<ModelWeights> w(new ModelWeights());
-  w->arena_.reset(static_cast<uint8_t*>(std::aligned_alloc(kArenaAlignment, total)));
-  if (w->arena_ == nullptr) {
+  absl::StatusOr<HugeBuffer> arena = HugeBuffer::Allocate(total);
+  if (!arena.ok()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", total, " bytes for the model weights"));
   }
+  w->arena_ = *std::move(arena);
   w->arena_bytes_ = total;
   w->dtype_ = weights_dtype;
-  uint8_t* const arena = w->arena_.get();
+  uint8_t* const arena_data = static_cast<uint8_t*>(w->arena_.data());
   // Zero the alignment padding so the arena's bytes are all defined (it may be copied whole).
   for (const Region& region : plan.regions()) {
     const size_t element_bytes =
         region.storage == Storage::kMatrix ? matrix_element_bytes : sizeof(float);
     const size_t used = static_cast<size_t>(region.rows * region.cols) * element_bytes;
-    std::memset(arena + region.offset + used, 0, AlignUp(used) - used);
+    std::memset(arena_data + region.offset + used, 0, AlignUp(used) - used);
   }
 
   // ---- Convert, in checkpoint order so each shard is read front to back.
@@ -339,7 +340,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const Safetensors
     }
     const SafetensorsEntry& e = *ckpt.Find(name)->entry;
     const Region& region = plan.regions()[slot->region];
-    uint8_t* const base = arena + region.offset;
+    uint8_t* const base = arena_data + region.offset;
     if (region.storage == Storage::kF32Vector || weights_dtype == DType::kF32) {
       ConvertToF32(e, f16_table, reinterpret_cast<float*>(base) + slot->element_offset);
     } else {
@@ -355,15 +356,15 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const Safetensors
   // ---- Views.
   const auto matrix = [&](size_t index) {
     const Region& r = plan.regions()[index];
-    return WeightView{arena + r.offset, weights_dtype, r.rows, r.cols};
+    return WeightView{arena_data + r.offset, weights_dtype, r.rows, r.cols};
   };
   const auto vector = [&](size_t index) {
     const Region& r = plan.regions()[index];
-    return WeightView{arena + r.offset, DType::kF32, 1, r.cols};
+    return WeightView{arena_data + r.offset, DType::kF32, 1, r.cols};
   };
   const auto floats = [&](size_t index) -> const float* {
     if (index == kNoRegion) return nullptr;
-    return reinterpret_cast<const float*>(arena + plan.regions()[index].offset);
+    return reinterpret_cast<const float*>(arena_data + plan.regions()[index].offset);
   };
   w->embed_ = matrix(model_regions.embed);
   w->lm_head_ = model_regions.lm_head == kNoRegion ? w->embed_ : matrix(model_regions.lm_head);

@@ -28,6 +28,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "common/huge_buffer.h"
 #include "kernels/backend.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -79,13 +80,9 @@ class ModelWeights {
   friend absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(
       const SafetensorsCheckpoint& ckpt, const ModelConfig& config, DType weights_dtype);
 
-  struct FreeDeleter {
-    void operator()(void* p) const { std::free(p); }
-  };
-
   ModelWeights() = default;
 
-  std::unique_ptr<uint8_t, FreeDeleter> arena_;
+  HugeBuffer arena_;  // huge pages: decode streams all of it every step
   size_t arena_bytes_ = 0;
   int64_t num_parameters_ = 0;
   DType dtype_ = DType::kF32;

@@ -5,6 +5,7 @@
 
 #include <sched.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -26,6 +27,11 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 15;
 
 // MatMul hands threads whole blocks of this many weight rows.
 constexpr int64_t kMatMulColumnBlock = 16;
+
+// Skinny (decode-sized) MatMuls with at most this many rows are scheduled guided, claims of at
+// least kMatMulGuidedMinCols weight rows (see MatMul).
+constexpr int64_t kMatMulGuidedMaxRows = 8;
+constexpr int64_t kMatMulGuidedMinCols = 64;
 
 // SiluMul splits each row into chunks of this many elements.
 constexpr int64_t kSiluChunk = 2048;
@@ -133,6 +139,31 @@ absl::Status CpuBackend::MatMul(const float* x, int64_t m, int64_t ldx, const We
   const auto matmul = kernels_->matmul;
   if (m * w.rows * (w.cols + 1) < kMinParallelWork) {
     matmul(args, 0, w.rows);
+    return absl::OkStatus();
+  }
+  if (m <= kMatMulGuidedMaxRows && pool_.num_threads() > 1) {
+    // Decode: memory-bound, and the threads do not stream at exactly the same speed (nor start
+    // at the same moment), so a static split leaves one waiting at the end of every matrix.
+    // Guided scheduling instead: each claim takes a share of what is left (at least
+    // kMatMulGuidedMinCols rows), so the last claims are short and the threads finish together.
+    // Every column's value is independent of the range it is computed in, so which thread takes
+    // which claim never changes a result.
+    const int64_t n = w.rows;
+    const int64_t parts = 2 * pool_.num_threads();
+    std::atomic<int64_t> next{0};
+    pool_.ParallelFor(pool_.num_threads(), [&](int64_t, int64_t, int) {
+      int64_t begin = next.load(std::memory_order_relaxed);
+      while (begin < n) {
+        int64_t size = (n - begin) / parts;
+        size = (size + kMatMulColumnBlock - 1) / kMatMulColumnBlock * kMatMulColumnBlock;
+        if (size < kMatMulGuidedMinCols) size = kMatMulGuidedMinCols;
+        const int64_t end = begin + size < n ? begin + size : n;
+        if (next.compare_exchange_weak(begin, end, std::memory_order_relaxed)) {
+          matmul(args, begin, end);
+          begin = next.load(std::memory_order_relaxed);
+        }
+      }
+    });
     return absl::OkStatus();
   }
   const int64_t blocks = (w.rows + kMatMulColumnBlock - 1) / kMatMulColumnBlock;

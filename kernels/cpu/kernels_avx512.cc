@@ -85,21 +85,30 @@ struct Avx512Ops {
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
     }
-    int64_t kk = 0;
-    for (; kk + 16 <= k; kk += 16) {
+    // One step: chunk kk of every weight row into its accumulators (the canonical order).
+    auto step = [&](int64_t kk) __attribute__((always_inline)) {
       __m512 wv[NR];
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) {
-        Prefetch(w + r * ldw + kk);
-        wv[r] = Load16(w + r * ldw + kk);
-      }
+      for (int r = 0; r < NR; ++r) wv[r] = Load16(w + r * ldw + kk);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m512 xv = _mm512_loadu_ps(x + i * ldx + kk);
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
       }
+    };
+    // One software prefetch per 64-byte line of each weight row: 16 elements for fp32, 32 for
+    // bf16 (two steps). A prefetch per step would issue two per bf16 line, and the redundant
+    // ones take fill-buffer slots from the useful ones.
+    constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(W));
+    int64_t kk = 0;
+    for (; kk + kLine <= k; kk += kLine) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) Prefetch(w + r * ldw + kk);
+#pragma GCC unroll 2
+      for (int64_t c = 0; c < kLine; c += 16) step(kk + c);
     }
+    for (; kk + 16 <= k; kk += 16) step(kk);
     if (kk < k) {
       const __mmask16 mask = static_cast<__mmask16>((1u << (k - kk)) - 1u);
       __m512 wv[NR];
