@@ -50,6 +50,10 @@ NEW_TOKENS = 32
 MARGIN_REL = 10 * 1e-4  # top1 - top2 must exceed MARGIN_REL * max|logit| of the row
 MAX_DRAWS_PER_PROMPT = 200
 FORMAT_VERSION = 1
+# The files this script writes in each model folder (make_lora_fixtures.py adds adapters/ and
+# expected_lora.* next to them).
+BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "expected.safetensors",
+              "expected.json")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO_ROOT, "tests", "golden", "fixtures")
@@ -339,7 +343,8 @@ def make_fixture(index, name):
     )
 
     for f in os.listdir(out_dir):  # safetensors creates its files 0600
-        os.chmod(os.path.join(out_dir, f), 0o644)
+        if os.path.isfile(os.path.join(out_dir, f)):  # not adapters/ (make_lora_fixtures.py)
+            os.chmod(os.path.join(out_dir, f), 0o644)
 
     with open(os.path.join(out_dir, "config.json")) as f:
         saved_config = json.load(f)
@@ -480,7 +485,7 @@ def main():
     for name in names:
         validate_fixture(name)
         d = os.path.join(OUT_DIR, name)
-        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in BASE_FILES)
         total += size
         print(f"ok {name}: {size} bytes")
     print(f"total {total} bytes")
