@@ -36,7 +36,7 @@ packages=(
   libabsl-dev
   prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev libpcre2-dev libssl-dev
+  nlohmann-json3-dev libpcre2-dev libicu-dev libssl-dev
   clang clang-tools lld libclang-rt-dev
   prometheus
   python3 python3-venv python3-pip

@@ -7,10 +7,16 @@ tests/golden/tokenizers/<name>/{tokenizer.json,tokenizer_config.json,special_tok
 and records what `tokenizers` does on a fixed list of test strings in expected.json.
 The format is described in tests/golden/tokenizers/README.md.
 
+It also records expected.json for *vendored* tokenizers: real tokenizer.json files that a PyPI
+package ships, copied byte for byte into tests/golden/tokenizers/<name>/ (see VENDORED). Their
+tokenizer.json is never rewritten; its sha256 is checked against VENDORED before use.
+
 Usage (from the repository root):
     .venv-tools/bin/python tools/make_tokenizer_fixtures.py            # regenerate everything
     .venv-tools/bin/python tools/make_tokenizer_fixtures.py --only qwen2_style
     .venv-tools/bin/python tools/make_tokenizer_fixtures.py --out /tmp/x   # write elsewhere
+    .venv-tools/bin/python tools/make_tokenizer_fixtures.py --only anthropic_sdk --fetch
+        # (re)vendor: pip download the wheel, check the sha256, copy tokenizer.json in
 
 Deterministic: no randomness except a seeded random.Random; training is single-threaded
 (RAYON_NUM_THREADS=1). Run twice and diff to confirm.
@@ -26,12 +32,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import unicodedata
+import zipfile
 from pathlib import Path
 
 import tokenizers
@@ -385,6 +394,71 @@ BUILDERS = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Vendored real tokenizers: tokenizer.json files shipped inside PyPI wheels, copied verbatim into
+# tests/golden/tokenizers/<name>/tokenizer.json. Only licences that allow redistribution.
+# ----------------------------------------------------------------------------------------------
+VENDORED = {
+    # Anthropic's pre-Claude-3 tokenizer, shipped by the Python SDK for Anthropic.count_tokens
+    # (anthropic/_tokenizers.py loads it with tokenizers.Tokenizer.from_str). Byte-level BPE, 65000 vocab,
+    # 64739 merges, NFKC normalizer, ByteLevel pre-tokenizer with the GPT-2 regex (the file has
+    # no "use_regex" key: the default, true), no post-processor, 5 special added tokens.
+    "anthropic_sdk": dict(
+        package="anthropic", version="0.25.0", path="anthropic/tokenizer.json",
+        sha256="c241737df24b4e7f7c9af4fdcee29a0ca903dcb288a8b753bc346a3092911767",
+        licence="MIT (Copyright 2023 Anthropic, PBC; anthropic-0.25.0.dist-info/licenses/LICENSE)",
+        # MIT asks for the notice to travel with copies: vendored next to the file as LICENSE.
+        licence_path="anthropic-0.25.0.dist-info/licenses/LICENSE",
+        # tokenizer_config.json is not shipped; these are the names the SDK used (<EOT> ends a
+        # text). Written only so transformers can load the folder for the cross-check.
+        cfg=dict(eos_token="<EOT>"),
+        specials=["<EOT>", "<META>", "<META_START>", "<META_END>", "<SOS>"],
+    ),
+}
+
+ALL_NAMES = list(BUILDERS) + list(VENDORED)
+
+
+def sha256_of(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_vendored(name, dest):
+    """pip-downloads the wheel named in VENDORED (no dependencies, not installed), checks the
+    sha256 of the file inside it and writes it verbatim to dest/tokenizer.json."""
+    v = VENDORED[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "-d", tmp, f"{v['package']}=={v['version']}"], check=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        assert len(wheels) == 1, wheels
+        with zipfile.ZipFile(wheels[0]) as z:
+            data = z.read(v["path"])
+            licence = z.read(v["licence_path"])
+    got = sha256_of(data)
+    if got != v["sha256"]:
+        raise SystemExit(f"{name}: {v['package']}=={v['version']}:{v['path']} has sha256 {got}, "
+                         f"expected {v['sha256']}")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "tokenizer.json").write_bytes(data)
+    (dest / "LICENSE").write_bytes(licence)
+
+
+def load_vendored(name):
+    """The vendored tokenizer.json (from the committed fixture directory), sha256-checked."""
+    v = VENDORED[name]
+    path = DEFAULT_OUT / name / "tokenizer.json"
+    if not path.exists():
+        raise SystemExit(f"{name}: {path} is missing; rerun with --only {name} --fetch")
+    data = path.read_bytes()
+    got = sha256_of(data)
+    if got != v["sha256"]:
+        raise SystemExit(f"{name}: {path} has sha256 {got}, expected {v['sha256']} "
+                         f"({v['package']}=={v['version']}:{v['path']}); rerun with --fetch")
+    licence = (DEFAULT_OUT / name / "LICENSE").read_bytes()
+    return data, licence, dict(v["cfg"]), list(v["specials"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Recording.
 # ----------------------------------------------------------------------------------------------
 def byte_offsets(text, char_offsets):
@@ -554,11 +628,19 @@ def write_expected(path, meta, cases, dcases):
 
 
 def make(name, out_dir):
-    text, cfg, specials = BUILDERS[name]()
+    vendored = name in VENDORED
+    if vendored:
+        raw, licence, cfg, specials = load_vendored(name)
+        text = raw.decode("utf-8")
+    else:
+        text, cfg, specials = BUILDERS[name]()
     d = out_dir / name
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
+    if vendored:
+        (d / "tokenizer.json").write_bytes(raw)  # verbatim, as the package ships it
+        (d / "LICENSE").write_bytes(licence)
     tok = Tokenizer.from_str(text)
     # tokenizer_config.json / special_tokens_map.json as transformers writes them. save_pretrained
     # would re-serialize tokenizer.json (losing e.g. the legacy merge form), so it writes to a
@@ -570,7 +652,8 @@ def make(name, out_dir):
         fast.save_pretrained(tmp)
         for fn in ("tokenizer_config.json", "special_tokens_map.json"):
             shutil.copyfile(Path(tmp) / fn, d / fn)
-    (d / "tokenizer.json").write_text(text + "\n", encoding="utf-8")
+    if not vendored:
+        (d / "tokenizer.json").write_text(text + "\n", encoding="utf-8")
 
     alt = None
     if json.loads(text)["model"].get("ignore_merges"):
@@ -590,17 +673,27 @@ def make(name, out_dir):
         "offsets_unit": "utf8_bytes",
         "num_cases": len(cases),
     }
+    if vendored:
+        v = VENDORED[name]
+        meta["source"] = {k: v[k] for k in ("package", "version", "path", "sha256", "licence")}
     write_expected(d / "expected.json", meta, cases, decode_cases(tok))
     return d
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=sorted(BUILDERS), action="append")
+    ap.add_argument("--only", choices=sorted(ALL_NAMES), action="append")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--fetch", action="store_true",
+                    help="first (re)vendor the selected VENDORED tokenizers: pip download the "
+                         "wheel, check its sha256, copy tokenizer.json into the fixture folder")
     args = ap.parse_args()
-    names = args.only or list(BUILDERS)
+    names = args.only or ALL_NAMES
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fetch:
+        for n in names:
+            if n in VENDORED:
+                fetch_vendored(n, DEFAULT_OUT / n)
     for n in names:
         d = make(n, args.out)
         size = sum(p.stat().st_size for p in d.iterdir())
