@@ -61,7 +61,9 @@ stage_asan() {
     ctest -L unit --output-on-failure -j"$jobs" --timeout 900)
 }
 
-stage_fuzz() { "$root/tests/fuzz/run_fuzz.sh" "$root/build-asan" "$fuzz_seconds"; }
+# Every fuzz target the asan build has (safetensors, tokenizer.json, tokenizer encode, ...), the
+# seconds split evenly between them.
+stage_fuzz() { "$root/tests/fuzz/run_fuzz.sh" "$root/build-asan" "$fuzz_seconds" all; }
 
 stage_tsan() {
   mkdir -p build-tsan

@@ -143,7 +143,7 @@ absl::Status BpeModel::LoadVocab(const Json& vocab) {
     max_id = std::max(max_id, id);
   }
   // Ids index dense tables (here and in decoding): refuse a sparse id that would make them huge.
-  const int64_t id_limit = std::max<int64_t>(2 * static_cast<int64_t>(vocab_.size()), 1 << 24);
+  const int64_t id_limit = std::max<int64_t>(2 * static_cast<int64_t>(vocab_.size()), 1 << 20);
   if (max_id >= id_limit) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tokenizer.json: model vocab id ", max_id, " is too large for a vocabulary of ",

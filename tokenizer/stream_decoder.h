@@ -53,7 +53,10 @@ class StreamDecoder {
   // At the end of generation: returns whatever is held back (text ending in U+FFFD, or a
   // character still missing bytes, which then decodes to U+FFFD exactly as Decode() would). The
   // chunks of all Step() calls followed by Flush() concatenate to Detokenizer::Decode() of all
-  // ids (short of the two departures above). Later Step() calls continue the same text.
+  // ids for the decoder chains tokenizers use (short of the two departures above); like HF's
+  // DecodeStream, a chain whose Strip removes more than one leading character per decode
+  // (Strip start >= 2) loses those characters at each window start. Later Step() calls
+  // continue the same text.
   std::string Flush();
 
   // Ids in the window (context + pending); for tests of the O(window) bound.

@@ -299,6 +299,10 @@ TEST(LoadErrors, MalformedJson) {
   j = FixtureJson("bytelevel_gpt2");
   j["model"]["vocab"]["zzz"] = 2000000000;
   ExpectLoadError(j, "model vocab id 2000000000 is too large");
+  // Sparse ids index dense tables: far beyond the entry count is refused, not allocated.
+  j = FixtureJson("bytelevel_gpt2");
+  j["model"]["vocab"]["zzz"] = 1 << 21;
+  ExpectLoadError(j, "model vocab id 2097152 is too large");
 }
 
 TEST(LoadErrors, LoadFromDirNamesTheDirectory) {
