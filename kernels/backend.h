@@ -34,6 +34,8 @@
 
 namespace ls {
 
+struct LoraSegment;  // kernels/lora.h
+
 // A weight matrix [rows, cols] (HF: [out_features, in_features]), row-major, F32 or BF16.
 struct WeightView {
   const void* data = nullptr;
@@ -111,6 +113,31 @@ class Backend {
   // out[i, :] = table[ids[i], :] widened to float32; ids must be < table.rows.
   virtual absl::Status Embedding(const int32_t* ids, int64_t m, const WeightView& table, float* out,
                                  int64_t ldo) = 0;
+
+  // Segmented batched LoRA (kernels/lora.h has the data contract and the exact arithmetic).
+  // Adds every segment's adapter delta to y: for the rows of segment s, shrink
+  // t = x[rows, :] · Aᵀ into scratch rows [row_begin, row_end), scale each slice's columns of t,
+  // then expand y[rows, out_offset_j + c] += t[rows, slice j] · B_j[c, :]ᵀ, both dot products in
+  // the canonical order. Rows in no segment, or in a segment whose group is null or has no
+  // slices, are left untouched. Segments must be disjoint and in increasing row order; every
+  // group's A has the same number of columns (K = in); a group's slices are stacked in order
+  // (rank_offset is the sum of the earlier slices' ranks) and write disjoint column ranges of y.
+  // scratch is caller-owned, [rows, ld_scratch] with ld_scratch >= every group's rank_total, and
+  // indexed by the batch's row (so the caller can size it once, e.g. to capture it in a CUDA
+  // graph); its contents on return are unspecified. x, y and scratch must not overlap. Row
+  // strides ldx >= K and ldy >= the widest out_offset_j + out_j matter only past row 0.
+  virtual absl::Status LoraLinear(const float* x, int64_t ldx, const LoraSegment* segments,
+                                  int num_segments, float* scratch, int64_t ld_scratch, float* y,
+                                  int64_t ldy) = 0;
+
+  // The embedding form (kernels/lora.h): each group's A is stored transposed, [vocab,
+  // rank_total], and the shrink is a gather, t[i, :] = A[ids[i], :] widened to float32; then
+  // scale and expand as LoraLinear into the embedding output y. ids[i] is read for the rows of
+  // segments with a (non-empty) group only, and must be < that group's A.rows. The other rules
+  // are LoraLinear's.
+  virtual absl::Status LoraEmbedding(const int32_t* ids, const LoraSegment* segments,
+                                     int num_segments, float* scratch, int64_t ld_scratch, float* y,
+                                     int64_t ldy) = 0;
 };
 
 }  // namespace ls

@@ -20,12 +20,14 @@
 //              by 1/sum).
 //   SiluMul    out = (g / (1.0f + expf(-g))) * u.
 //   Embedding  exact widening (BF16 -> F32 is a 16-bit shift).
+//   LoraLinear t = dot(x, A[q]); t = t * scale_j; y = y + dot(t[slice j], B_j[c]).
+//   LoraEmbedding  t = float(A[id, q]) * scale_j; then LoraLinear's expand.
 // expf is the C library's, called one element at a time by every ISA path.
 //
 // Work split: MatMul over weight rows (columns of y) in blocks of 16; Attention over (row, kv
 // head, up to 4 of its query heads) items, which share each key and value row they load; the
-// row-wise ops over rows. Small calls run on the calling thread alone. The partition never
-// changes a result.
+// row-wise ops over rows; the LoRA ops over (segment, row chunk, column block) items per phase.
+// Small calls run on the calling thread alone. The partition never changes a result.
 //
 // Thread safety: a CpuBackend is driven by one thread at a time (the engine thread); ops are not
 // reentrant (they share the pool and the attention scratch). Pointers must not alias except
@@ -42,6 +44,7 @@
 #include "common/thread_pool.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/lora.h"
 
 namespace ls {
 
@@ -92,9 +95,21 @@ class CpuBackend final : public Backend {
                        int64_t f, float* out, int64_t ldo) override;
   absl::Status Embedding(const int32_t* ids, int64_t m, const WeightView& table, float* out,
                          int64_t ldo) override;
+  // LoRA ops: kernels/cpu/cpu_lora.cc (its file comment has the work split). Same bits for
+  // every thread count, ISA and segment layout.
+  absl::Status LoraLinear(const float* x, int64_t ldx, const LoraSegment* segments,
+                          int num_segments, float* scratch, int64_t ld_scratch, float* y,
+                          int64_t ldy) override;
+  absl::Status LoraEmbedding(const int32_t* ids, const LoraSegment* segments, int num_segments,
+                             float* scratch, int64_t ld_scratch, float* y, int64_t ldy) override;
 
  private:
   CpuBackend(Isa isa, const cpu_internal::KernelTable* kernels, int threads, int64_t max_context);
+
+  // The LoRA ops' expand phase (cpu_lora.cc), shared by LoraLinear and LoraEmbedding after their
+  // checks; total_work sizes the work items.
+  void ExpandLora(const LoraSegment* segments, int num_segments, int64_t total_work,
+                  const float* scratch, int64_t ld_scratch, float* y, int64_t ldy);
 
   const Isa isa_;
   const cpu_internal::KernelTable* const kernels_;

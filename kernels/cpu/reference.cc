@@ -141,4 +141,78 @@ void Embedding(const int32_t* ids, int64_t m, const WeightView& table, double* o
   }
 }
 
+namespace {
+
+// Adds the expand of one row: t[r] is the unscaled shrink of the group's stacked rank r and
+// t_abs[r] its magnitude.
+void ExpandRow(const LoraGroup& g, const std::vector<double>& t, const std::vector<double>& t_abs,
+               double* y, double* magnitude) {
+  for (int j = 0; j < g.num_slices; ++j) {
+    const LoraSlice& slice = g.slices[j];
+    const double scale = slice.scale;
+    for (int64_t c = 0; c < slice.b.rows; ++c) {
+      double sum = 0.0;
+      double abs_sum = 0.0;
+      for (int32_t r = 0; r < slice.rank; ++r) {
+        const double b = WeightAt(slice.b, c * slice.rank + r);
+        sum += b * t[slice.rank_offset + r];
+        abs_sum += std::fabs(b) * t_abs[slice.rank_offset + r];
+      }
+      y[slice.out_offset + c] += scale * sum;
+      if (magnitude != nullptr) magnitude[slice.out_offset + c] += std::fabs(scale) * abs_sum;
+    }
+  }
+}
+
+void StartFrom(const float* y_in, int64_t rows, int64_t ldy, double* y, double* magnitude) {
+  for (int64_t i = 0; i < rows * ldy; ++i) {
+    y[i] = y_in[i];
+    if (magnitude != nullptr) magnitude[i] = std::fabs(y_in[i]);
+  }
+}
+
+}  // namespace
+
+void LoraLinear(const float* x, int64_t ldx, const LoraSegment* segments, int num_segments,
+                const float* y_in, int64_t rows, int64_t ldy, double* y, double* magnitude) {
+  StartFrom(y_in, rows, ldy, y, magnitude);
+  for (int s = 0; s < num_segments; ++s) {
+    if (segments[s].group == nullptr || segments[s].group->num_slices == 0) continue;
+    const LoraGroup& g = *segments[s].group;
+    const int64_t in = g.a.cols;
+    std::vector<double> t(g.rank_total), t_abs(g.rank_total);
+    for (int64_t i = segments[s].row_begin; i < segments[s].row_end; ++i) {
+      for (int32_t q = 0; q < g.rank_total; ++q) {
+        double sum = 0.0;
+        double abs_sum = 0.0;
+        for (int64_t k = 0; k < in; ++k) {
+          const double p = static_cast<double>(x[i * ldx + k]) * WeightAt(g.a, q * in + k);
+          sum += p;
+          abs_sum += std::fabs(p);
+        }
+        t[q] = sum;
+        t_abs[q] = abs_sum;
+      }
+      ExpandRow(g, t, t_abs, y + i * ldy, magnitude != nullptr ? magnitude + i * ldy : nullptr);
+    }
+  }
+}
+
+void LoraEmbedding(const int32_t* ids, const LoraSegment* segments, int num_segments,
+                   const float* y_in, int64_t rows, int64_t ldy, double* y, double* magnitude) {
+  StartFrom(y_in, rows, ldy, y, magnitude);
+  for (int s = 0; s < num_segments; ++s) {
+    if (segments[s].group == nullptr || segments[s].group->num_slices == 0) continue;
+    const LoraGroup& g = *segments[s].group;
+    std::vector<double> t(g.rank_total), t_abs(g.rank_total);
+    for (int64_t i = segments[s].row_begin; i < segments[s].row_end; ++i) {
+      for (int32_t q = 0; q < g.rank_total; ++q) {
+        t[q] = WeightAt(g.a, static_cast<int64_t>(ids[i]) * g.rank_total + q);
+        t_abs[q] = std::fabs(t[q]);
+      }
+      ExpandRow(g, t, t_abs, y + i * ldy, magnitude != nullptr ? magnitude + i * ldy : nullptr);
+    }
+  }
+}
+
 }  // namespace ls::reference

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "kernels/backend.h"
+#include "kernels/lora.h"
 
 namespace ls::reference {
 
@@ -49,6 +50,20 @@ void SiluMul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64
 
 // out[i * cols + j] = table[ids[i], j].
 void Embedding(const int32_t* ids, int64_t m, const WeightView& table, double* out);
+
+// Backend::LoraLinear in double: y and magnitude are [rows, ldy] like the op's y; y starts as
+// y_in (every element, padding included) and each segment's rows get, for slice j of its group,
+//   y[i, out_offset_j + c] += scale_j * sum_r B_j[c, r] * sum_k x[i, k] * A[rank_offset_j + r, k]
+// (the shrink is not rounded to float32 before the expand). When `magnitude` is not null it
+// receives |y_in| + sum_r |B_j[c, r]| * |scale_j| * sum_k |x[i, k] * A[rank_offset_j + r, k]|,
+// the scale against which float32 rounding error is measured. Arguments are not checked.
+void LoraLinear(const float* x, int64_t ldx, const LoraSegment* segments, int num_segments,
+                const float* y_in, int64_t rows, int64_t ldy, double* y, double* magnitude);
+
+// Backend::LoraEmbedding in double, laid out as LoraLinear above: the shrink is t[r] = A[ids[i],
+// r] (A stored [vocab, rank_total]); magnitude is |y_in| + sum_r |B_j[c, r] * scale_j * t[r]|.
+void LoraEmbedding(const int32_t* ids, const LoraSegment* segments, int num_segments,
+                   const float* y_in, int64_t rows, int64_t ldy, double* y, double* magnitude);
 
 }  // namespace ls::reference
 
