@@ -333,17 +333,31 @@ void ForEachChunk(const SafetensorsEntry& e, Fn&& fn) {
 std::string CheckValues(const SafetensorsEntry& e, DType dtype) {
   int64_t non_finite = 0, overflow = 0, first_bad = -1;
   float first_value = 0.f;
-  ForEachChunk(e, [&](const float* x, int64_t begin, int64_t m) {
-    for (int64_t j = 0; j < m; ++j) {
-      if (!std::isfinite(x[j])) {
-        if (first_bad < 0) first_bad = begin + j, first_value = x[j];
+  if (e.dtype == DType::kBF16) {
+    // The common case, checked on the raw bits (an all-ones exponent is inf or nan); a finite
+    // BF16 stays finite in BF16 and in F32, so nothing can overflow.
+    const int64_t n = e.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, e.data + i * 2, 2);
+      if ((h & 0x7F80u) == 0x7F80u) {
+        if (first_bad < 0) first_bad = i, first_value = Bf16ToFloat(h);
         ++non_finite;
-      } else if (dtype == DType::kBF16 && !std::isfinite(Bf16ToFloat(FloatToBf16(x[j])))) {
-        if (first_bad < 0) first_bad = begin + j, first_value = x[j];
-        ++overflow;
       }
     }
-  });
+  } else {
+    ForEachChunk(e, [&](const float* x, int64_t begin, int64_t m) {
+      for (int64_t j = 0; j < m; ++j) {
+        if (!std::isfinite(x[j])) {
+          if (first_bad < 0) first_bad = begin + j, first_value = x[j];
+          ++non_finite;
+        } else if (dtype == DType::kBF16 && !std::isfinite(Bf16ToFloat(FloatToBf16(x[j])))) {
+          if (first_bad < 0) first_bad = begin + j, first_value = x[j];
+          ++overflow;
+        }
+      }
+    });
+  }
   if (non_finite > 0) {
     return absl::StrCat("has ", non_finite, " non-finite value", non_finite == 1 ? "" : "s",
                         " (first at flat index ", first_bad, ": ",
@@ -411,6 +425,10 @@ void StoreFloats(const float* src, int64_t n, DType dtype, uint8_t* dst) {
 // Copies `e` ([rows, cols] row-major) into dst in `dtype`; with `transpose`, as [cols, rows].
 void PackMatrix(const SafetensorsEntry& e, DType dtype, bool transpose, uint8_t* dst) {
   const size_t element = dtype == DType::kF32 ? 4 : 2;
+  if (!transpose && e.dtype == DType::kBF16 && dtype == DType::kBF16) {
+    std::memcpy(dst, e.data, static_cast<size_t>(e.numel()) * 2);  // already in place
+    return;
+  }
   if (!transpose) {
     ForEachChunk(e, [&](const float* x, int64_t begin, int64_t m) {
       StoreFloats(x, m, dtype, dst + static_cast<size_t>(begin) * element);
