@@ -13,6 +13,8 @@
 
 #include "common/mmap_file.h"
 #include "gtest/gtest.h"
+#include "model/adapter_store.h"
+#include "server/adapters/registry.h"
 #include "tests/golden/golden_harness.h"
 
 namespace ls {
@@ -261,6 +263,65 @@ TEST_P(LoraGoldenTest, BaseRowsAreTheBaseModel) {
     ++k;
   }
   EXPECT_EQ(k, prompt.size());
+}
+
+// The path the server takes: adapters loaded by the registry and placed in its paged pool
+// (copies of the packed bytes at another address, GroupsAt) give exactly the logits of the
+// loader's own host copies, whatever mix of them shares a batch.
+TEST_P(LoraGoldenTest, RegistryResidentAdaptersMatchHostCopies) {
+  const std::string dir = FixturesDir() + "/" + GetParam().fixture;
+  Harness h(dir, GetParam().dtype, kMaxRank);
+  const std::vector<std::string> names = AdapterNames(dir);
+  char root_template[] = "/tmp/ls_lora_golden_XXXXXX";
+  ASSERT_NE(mkdtemp(root_template), nullptr);
+  const std::string root = root_template;
+  for (const std::string& name : names) {
+    std::filesystem::create_directories(root + "/" + name);
+    for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+      std::filesystem::copy_file(dir + "/adapters/" + name + "/" + file,
+                                 root + "/" + name + "/" + file);
+    }
+  }
+  auto store = AdapterStore::Open(root);
+  ASSERT_TRUE(store.ok()) << store.status();
+  AdapterRegistryOptions options;
+  options.dtype = GetParam().dtype;
+  options.max_lora_rank = kMaxRank;
+  options.pool_bytes = size_t{16} << 20;
+  options.page_bytes = size_t{64} << 10;
+  auto registry =
+      AdapterRegistry::Create(std::move(*store), h.config(), &h.weights(), options);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  {
+    std::vector<AdapterRef> refs;
+    std::vector<std::unique_ptr<LoraAdapter>> host;
+    for (const std::string& name : names) {
+      auto ref = (*registry)->Acquire(name);
+      ASSERT_TRUE(ref.ok()) << ref.status();
+      ASSERT_TRUE((*registry)->WaitResident(*ref, absl::Now() + absl::Seconds(60)).ok());
+      ASSERT_NE(ref->groups(), nullptr);
+      refs.push_back(std::move(*ref));
+      host.push_back(LoadAdapter(dir + "/adapters/" + name, h, GetParam().dtype));
+      ASSERT_NE(host.back(), nullptr);
+      ASSERT_NE(&host.back()->groups(), refs.back().groups());  // really another copy
+    }
+    const std::vector<int32_t> prompt = {7, 3, 19, 2, 11};
+    std::vector<Harness::Row> pooled, hosted;
+    for (size_t a = 0; a < names.size(); ++a) {
+      const int s1 = h.NewSequence(8), s2 = h.NewSequence(8);
+      for (size_t t = 0; t < prompt.size(); ++t) {
+        const int32_t pos = static_cast<int32_t>(t);
+        pooled.push_back({s1, prompt[t], pos, true, refs[a].groups()});
+        hosted.push_back({s2, prompt[t], pos, true, &host[a]->groups()});
+      }
+    }
+    auto a = h.Run(pooled);
+    auto b = h.Run(hosted);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << "row " << i;
+  }
+  registry->reset();
+  std::filesystem::remove_all(root);
 }
 
 std::vector<Param> AllParams() {
