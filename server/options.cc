@@ -28,6 +28,18 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT, how long in-flight RPCs may run before they are cancelled");
 ABSL_FLAG(int64_t, max_receive_message_bytes, 4 << 20,
           "Largest gRPC message the server accepts, in bytes (uploads stream in chunks)");
+ABSL_FLAG(std::string, adapter_root, "",
+          "Folder of PEFT adapters, one subfolder per adapter id (empty: base model only)");
+ABSL_FLAG(int32_t, max_lora_rank, 256, "Largest LoRA rank accepted for any module");
+ABSL_FLAG(uint64_t, adapter_pool_bytes, 1ull << 30,
+          "Bytes of the pool that holds resident adapters (in compute memory)");
+ABSL_FLAG(uint64_t, adapter_page_bytes, 256ull << 10,
+          "Page size of the adapter pool (a multiple of 256)");
+ABSL_FLAG(uint64_t, adapter_host_cache_bytes, 2ull << 30,
+          "Bytes of loaded adapters kept in host memory beyond the pool");
+ABSL_FLAG(absl::Duration, adapter_wait_timeout, absl::Seconds(30),
+          "How long a request waits for room in the adapter pool before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_loras_per_step, 32, "Most distinct adapters in one forward step");
 
 namespace ls {
 
@@ -111,6 +123,39 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_receive_message_bytes=", max_receive_message_bytes, ": must be in [1024, 2^30]"));
   }
+  if (!adapter_root.empty()) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(adapter_root, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--adapter_root=", adapter_root, ": not a directory"));
+    }
+    if (model_dir.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--adapter_root=", adapter_root, ": adapters need a base model (--model)"));
+    }
+  }
+  if (max_lora_rank < 1 || max_lora_rank > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_lora_rank=", max_lora_rank, ": must be in [1, 4096]"));
+  }
+  if (adapter_page_bytes < 256 || adapter_page_bytes % 256 != 0 ||
+      adapter_page_bytes > (uint64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--adapter_page_bytes=", adapter_page_bytes, ": must be a multiple of 256 up to 2^30"));
+  }
+  if (adapter_pool_bytes < adapter_page_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("--adapter_pool_bytes=", adapter_pool_bytes,
+                                                   ": must hold at least one page (",
+                                                   adapter_page_bytes, " bytes)"));
+  }
+  if (adapter_wait_timeout < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--adapter_wait_timeout=", absl::FormatDuration(adapter_wait_timeout), ": must be >= 0"));
+  }
+  if (max_loras_per_step < 1 || max_loras_per_step > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_loras_per_step=", max_loras_per_step, ": must be in [1, 4096]"));
+  }
   return absl::OkStatus();
 }
 
@@ -118,11 +163,16 @@ std::string ServerOptions::ToString() const {
   return absl::StrFormat(
       "address=%s metrics_address=%s enable_reflection=%s model=%s backend=%s "
       "max_model_len=%d kv_cache_bytes=%d kv_block_tokens=%d threads=%d weights_dtype=%s "
-      "max_step_tokens=%d drain_timeout=%s max_receive_message_bytes=%d",
+      "max_step_tokens=%d drain_timeout=%s max_receive_message_bytes=%d adapter_root=%s "
+      "max_lora_rank=%d adapter_pool_bytes=%d adapter_page_bytes=%d "
+      "adapter_host_cache_bytes=%d adapter_wait_timeout=%s max_loras_per_step=%d",
       address, metrics_address, enable_reflection ? "true" : "false",
       model_dir.empty() ? "(none)" : model_dir, BackendName(backend), max_model_len, kv_cache_bytes,
       kv_block_tokens, threads, weights_dtype == DType::kBF16 ? "bf16" : "fp32", max_step_tokens,
-      absl::FormatDuration(drain_timeout), max_receive_message_bytes);
+      absl::FormatDuration(drain_timeout), max_receive_message_bytes,
+      adapter_root.empty() ? "(none)" : adapter_root, max_lora_rank, adapter_pool_bytes,
+      adapter_page_bytes, adapter_host_cache_bytes, absl::FormatDuration(adapter_wait_timeout),
+      max_loras_per_step);
 }
 
 absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
@@ -156,6 +206,13 @@ absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
   o.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
   o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   o.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  o.adapter_root = absl::GetFlag(FLAGS_adapter_root);
+  o.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
+  o.adapter_pool_bytes = absl::GetFlag(FLAGS_adapter_pool_bytes);
+  o.adapter_page_bytes = absl::GetFlag(FLAGS_adapter_page_bytes);
+  o.adapter_host_cache_bytes = absl::GetFlag(FLAGS_adapter_host_cache_bytes);
+  o.adapter_wait_timeout = absl::GetFlag(FLAGS_adapter_wait_timeout);
+  o.max_loras_per_step = absl::GetFlag(FLAGS_max_loras_per_step);
   LS_RETURN_IF_ERROR(o.Validate());
   return o;
 }

@@ -51,8 +51,26 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
   kv.block_tokens = options.kv_block_tokens;
   kv.cache_bytes = options.kv_cache_bytes;
   LS_ASSIGN_OR_RETURN(m->kv_cache, KvCache::Create(kv));
-  LS_ASSIGN_OR_RETURN(m->model, LlamaModel::Create(&m->config, m->weights.get(), m->backend.get(),
-                                                   options.max_step_tokens));
+  const bool adapters = !options.adapter_root.empty();
+  LS_ASSIGN_OR_RETURN(m->model,
+                      LlamaModel::Create(&m->config, m->weights.get(), m->backend.get(),
+                                         options.max_step_tokens,
+                                         adapters ? options.max_lora_rank : 0));
+  if (adapters) {
+    auto store = AdapterStore::Open(options.adapter_root);
+    if (!store.ok()) return WithFlag(store.status(), "--adapter_root");
+    AdapterRegistryOptions ro;
+    ro.pool_bytes = options.adapter_pool_bytes;
+    ro.page_bytes = options.adapter_page_bytes;
+    ro.host_cache_bytes = options.adapter_host_cache_bytes;
+    ro.wait_timeout = options.adapter_wait_timeout;
+    ro.max_lora_rank = options.max_lora_rank;
+    ro.dtype = options.weights_dtype;
+    auto registry =
+        AdapterRegistry::Create(std::move(*store), m->config, m->weights.get(), ro);
+    if (!registry.ok()) return WithFlag(registry.status(), "--adapter_root");
+    m->adapters = std::move(*registry);
+  }
   m->load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return m;
 }
@@ -88,6 +106,13 @@ absl::StatusOr<std::unique_ptr<ServerState>> ServerState::Create(const ServerOpt
                  << " threads; KV cache " << m.kv_cache->num_blocks() << " blocks of "
                  << m.kv_cache->block_tokens() << " tokens (" << m.kv_cache->total_bytes()
                  << " bytes); loaded in " << m.load_seconds << " s";
+    if (m.adapters != nullptr) {
+      auto ids = m.adapters->List();
+      LS_LOG(INFO) << "adapters under " << options.adapter_root << ": "
+                   << (ids.ok() ? ids->size() : 0) << " on disk; pool "
+                   << options.adapter_pool_bytes << " bytes in pages of "
+                   << options.adapter_page_bytes << ", max rank " << options.max_lora_rank;
+    }
   }
   return state;
 }

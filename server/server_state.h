@@ -18,6 +18,7 @@
 #include "model/kv_cache.h"
 #include "model/llama_model.h"
 #include "model/weights.h"
+#include "server/adapters/registry.h"
 #include "server/options.h"
 
 namespace ls {
@@ -31,6 +32,9 @@ struct LoadedModel {
   std::unique_ptr<CpuBackend> backend;
   std::unique_ptr<KvCache> kv_cache;
   std::unique_ptr<LlamaModel> model;
+  // With --adapter_root: the adapters over this model (docs/adapters.md). Declared after the
+  // model objects it reads, so it is destroyed first.
+  std::unique_ptr<AdapterRegistry> adapters;
   double load_seconds = 0;
 };
 

@@ -227,6 +227,9 @@ def test_sigint_exits_zero(server_factory):
     (["--backend=tpu"], "--backend=tpu"),
     (["--model=/does/not/exist"], "--model=/does/not/exist"),
     (["--drain_timeout=-1s"], "--drain_timeout"),
+    (["--adapter_root=/does/not/exist"], "--adapter_root=/does/not/exist: not a directory"),
+    (["--adapter_root=/"], "adapters need a base model (--model)"),
+    (["--max_lora_rank=0"], "--max_lora_rank=0"),
 ])
 def test_invalid_flags_exit_nonzero_with_message(flags, needle):
     proc = subprocess.run([LORASERVE, *flags], capture_output=True, text=True, timeout=60)
@@ -278,3 +281,17 @@ def test_help_lists_the_server_flags():
     for flag in ("--address", "--metrics_address", "--model", "--kv_cache_bytes", "--threads",
                  "--weights_dtype", "--drain_timeout"):
         assert flag in out, flag
+
+
+def test_adapter_root_opens_a_registry(tmp_path, server_factory, model_dir):
+    """--adapter_root: the server starts with the adapter registry over the model and says what
+    it found (the admin and inference RPCs over it come with the serving issue)."""
+    root = tmp_path / "adapters"
+    for name in ("attn_r4", "embed_head_r8"):
+        shutil.copytree(os.path.join(model_dir, "adapters", name), root / name)
+    srv = server_factory(f"--model={model_dir}", f"--adapter_root={root}",
+                         "--adapter_pool_bytes=8388608", "--adapter_page_bytes=65536",
+                         "--max_lora_rank=64", "--kv_cache_bytes=4194304", "--threads=1")
+    log = srv.log()
+    assert f"adapters under {root}: 2 on disk" in log, log
+    assert "max_lora_rank=64" in log and "adapter_pool_bytes=8388608" in log, log

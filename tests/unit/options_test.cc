@@ -60,6 +60,27 @@ TEST(ServerOptions, ValidateNamesTheFlag) {
   o = ServerOptions();
   o.max_receive_message_bytes = 10;
   EXPECT_THAT(o.Validate().message(), HasSubstr("--max_receive_message_bytes"));
+  o = ServerOptions();
+  o.adapter_root = "/nonexistent/adapters";
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--adapter_root=/nonexistent/adapters: not a"));
+  o = ServerOptions();
+  o.adapter_root = "/";
+  EXPECT_THAT(o.Validate().message(), HasSubstr("adapters need a base model (--model)"));
+  o = ServerOptions();
+  o.max_lora_rank = 0;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--max_lora_rank=0"));
+  o = ServerOptions();
+  o.adapter_page_bytes = 1000;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--adapter_page_bytes=1000"));
+  o = ServerOptions();
+  o.adapter_pool_bytes = 1024;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--adapter_pool_bytes=1024"));
+  o = ServerOptions();
+  o.adapter_wait_timeout = absl::Seconds(-1);
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--adapter_wait_timeout"));
+  o = ServerOptions();
+  o.max_loras_per_step = 0;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--max_loras_per_step=0"));
 }
 
 TEST(ServerOptions, ToStringListsEveryField) {
@@ -67,7 +88,9 @@ TEST(ServerOptions, ToStringListsEveryField) {
   for (const char* field :
        {"address=", "metrics_address=", "enable_reflection=", "model=", "backend=",
         "max_model_len=", "kv_cache_bytes=", "kv_block_tokens=", "threads=", "weights_dtype=",
-        "max_step_tokens=", "drain_timeout=", "max_receive_message_bytes="}) {
+        "max_step_tokens=", "drain_timeout=", "max_receive_message_bytes=", "adapter_root=",
+        "max_lora_rank=", "adapter_pool_bytes=", "adapter_page_bytes=",
+        "adapter_host_cache_bytes=", "adapter_wait_timeout=", "max_loras_per_step="}) {
     EXPECT_THAT(s, HasSubstr(field));
   }
 }
