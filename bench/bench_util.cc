@@ -203,8 +203,6 @@ std::string CpuFlags() {
   return "";
 }
 
-namespace {
-
 // The last-level cache size from sysfs (e.g. "266240K"), 0 when unknown.
 uint64_t LastLevelCacheBytes() {
   uint64_t best = 0;
@@ -221,11 +219,22 @@ uint64_t LastLevelCacheBytes() {
   return best;
 }
 
-}  // namespace
-
 // At least 1 GiB and 4x the last-level cache, so no part of it is served from cache.
 size_t BandwidthBufferBytes() {
   return static_cast<size_t>(std::max<uint64_t>(1ull << 30, 4 * LastLevelCacheBytes()));
+}
+
+void FillKvRandom(const KvCache& cache) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const size_t floats = static_cast<size_t>(cache.num_blocks()) * cache.block_tokens() *
+                        cache.layer_views()[0].num_kv_heads * cache.layer_views()[0].head_dim;
+  for (const KvLayerView& layer : cache.layer_views()) {
+    for (size_t i = 0; i < floats; ++i) {
+      layer.k[i] = u(rng);
+      layer.v[i] = u(rng);
+    }
+  }
 }
 
 int64_t PeakRssBytes() {

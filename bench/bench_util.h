@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/isa.h"
 #include "model/config.h"
+#include "model/kv_cache.h"
 
 namespace ls::bench {
 
@@ -29,8 +30,14 @@ void WriteCheckpoint(const ModelConfig& c, const std::string& dir);
 // widest loads: best of 5 for each of two access patterns (see bench_util.cc).
 double MeasureReadBandwidth(int threads, Isa isa, size_t bytes);
 
+// The last-level cache size from sysfs, 0 when unknown.
+uint64_t LastLevelCacheBytes();
 // At least 1 GiB and 4x the last-level cache, so no part of it is served from cache.
 size_t BandwidthBufferBytes();
+
+// Fills every block of the cache with random K/V (a fixed seed): they stand in for prefilled
+// context, since attention costs the same whatever the values.
+void FillKvRandom(const KvCache& cache);
 
 std::string CpuModel();
 // The ISA-relevant CPU flags from /proc/cpuinfo, space-separated.

@@ -124,18 +124,7 @@ int Main() {
   auto cache = KvCache::Create(kv);
   LS_CHECK(cache.ok()) << cache.status();
   // Random K/V stand in for 512 prefilled tokens: attention costs the same whatever the values.
-  {
-    std::mt19937 rng(7);
-    std::uniform_real_distribution<float> u(-1.f, 1.f);
-    const size_t floats = static_cast<size_t>((*cache)->num_blocks()) * kv.block_tokens *
-                          kv.num_kv_heads * kv.head_dim;
-    for (const KvLayerView& layer : (*cache)->layer_views()) {
-      for (size_t i = 0; i < floats; ++i) {
-        layer.k[i] = u(rng);
-        layer.v[i] = u(rng);
-      }
-    }
-  }
+  bench::FillKvRandom(**cache);
   auto model = LlamaModel::Create(&c, weights->get(), backend->get(), std::max(32, context));
   LS_CHECK(model.ok()) << model.status();
 

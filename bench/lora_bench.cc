@@ -29,6 +29,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
 #include "common/dtype.h"
 #include "common/huge_buffer.h"
 #include "common/logging.h"
@@ -109,29 +110,6 @@ class Bf16Arena {
   size_t used_ = 0;
 };
 
-uint64_t LastLevelCacheBytes() {
-  uint64_t best = 0;
-  for (int index = 0; index < 8; ++index) {
-    std::ifstream in(absl::StrCat("/sys/devices/system/cpu/cpu0/cache/index", index, "/size"));
-    std::string text;
-    if (!(in >> text) || text.empty()) continue;
-    uint64_t scale = 1;
-    if (text.back() == 'K') scale = 1ull << 10;
-    if (text.back() == 'M') scale = 1ull << 20;
-    if (scale != 1) text.pop_back();
-    best = std::max<uint64_t>(best, std::strtoull(text.c_str(), nullptr, 10) * scale);
-  }
-  return best;
-}
-
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  }
-  return "unknown";
-}
 
 std::string LoadAverage() {
   std::ifstream in("/proc/loadavg");
@@ -191,12 +169,12 @@ int Main() {
   }
   int layers = absl::GetFlag(FLAGS_layers);
   if (layers <= 0) {
-    const uint64_t want = std::max<uint64_t>(512ull << 20, 2 * LastLevelCacheBytes());
+    const uint64_t want = std::max<uint64_t>(512ull << 20, 2 * bench::LastLevelCacheBytes());
     layers = static_cast<int>((want + 2 * base_elements - 1) / (2 * base_elements));
   }
   std::fprintf(stderr, "%s, %d threads, %s; %d layers of %.1f MB base + %d adapters x %.2f MB\n",
-               CpuModel().c_str(), cpu.threads(), std::string(IsaName(cpu.isa())).c_str(), layers,
-               2e-6 * base_elements, max_adapters, 2e-6 * adapter_elements);
+               bench::CpuModel().c_str(), cpu.threads(), std::string(IsaName(cpu.isa())).c_str(),
+               layers, 2e-6 * base_elements, max_adapters, 2e-6 * adapter_elements);
 
   // Weights: [layer][projection] base matrices and [layer][adapter][projection] groups.
   std::mt19937 rng(1);
@@ -315,7 +293,7 @@ int Main() {
 
   std::string json = "{\n";
   absl::StrAppendFormat(&json, "  \"date\": \"%s\",\n", Today());
-  absl::StrAppendFormat(&json, "  \"cpu\": \"%s\",\n", CpuModel());
+  absl::StrAppendFormat(&json, "  \"cpu\": \"%s\",\n", bench::CpuModel());
   absl::StrAppendFormat(&json, "  \"isa\": \"%s\",\n", IsaName(cpu.isa()));
   absl::StrAppendFormat(&json, "  \"threads\": %d,\n", cpu.threads());
   absl::StrAppendFormat(&json,
