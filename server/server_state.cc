@@ -31,6 +31,22 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
   auto config = LoadModelConfig(options.model_dir, config_options);
   if (!config.ok()) return WithFlag(config.status(), flag);
   m->config = std::move(*config);
+  std::error_code ec;
+  if (std::filesystem::exists(std::filesystem::path(options.model_dir) / "tokenizer.json", ec)) {
+    auto tokenizer = Tokenizer::LoadFromDir(options.model_dir);
+    if (!tokenizer.ok()) return WithFlag(tokenizer.status(), flag);
+    // Every id the tokenizer can produce must have an embedding row (models often pad their
+    // vocabulary beyond the tokenizer's, never the other way round).
+    if ((*tokenizer)->vocab_size() > m->config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, ": tokenizer.json has ", (*tokenizer)->vocab_size(),
+          " tokens but the model's vocab_size is ", m->config.vocab_size));
+    }
+    m->tokenizer = std::move(*tokenizer);
+  } else {
+    LS_LOG(WARNING) << flag << " has no tokenizer.json: Tokenize, Detokenize and text prompts "
+                    << "are refused (token-id prompts still work)";
+  }
   auto checkpoint = SafetensorsCheckpoint::Open(options.model_dir);
   if (!checkpoint.ok()) return WithFlag(checkpoint.status(), flag);
   auto weights = LoadModelWeights(**checkpoint, m->config, options.weights_dtype);

@@ -19,6 +19,7 @@
 #include "model/llama_model.h"
 #include "model/weights.h"
 #include "server/adapters/registry.h"
+#include "tokenizer/tokenizer.h"
 #include "server/options.h"
 
 namespace ls {
@@ -32,6 +33,8 @@ struct LoadedModel {
   std::unique_ptr<CpuBackend> backend;
   std::unique_ptr<KvCache> kv_cache;
   std::unique_ptr<LlamaModel> model;
+  // From the folder's tokenizer.json; null when it has none (text in and out is then refused).
+  std::unique_ptr<Tokenizer> tokenizer;
   // With --adapter_root: the adapters over this model (docs/adapters.md). Declared after the
   // model objects it reads, so it is destroyed first.
   std::unique_ptr<AdapterRegistry> adapters;

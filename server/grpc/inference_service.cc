@@ -8,6 +8,7 @@
 #include "server/build_info.h"
 #include "server/grpc/reactors.h"
 #include "server/grpc/rpc_status.h"
+#include "server/grpc/status_mapping.h"
 
 namespace ls {
 namespace {
@@ -74,12 +75,31 @@ void FillModelInfo(const LoadedModel& m, v1::ModelInfo* out) {
   out->set_weights_bytes(m.weights->arena_bytes());
 }
 
-// The ids the model's config defines; the tokenizer's own facts arrive with the tokenizer.
-void FillTokenizerInfo(const ModelConfig& c, v1::TokenizerInfo* out) {
+// The ids the model's config defines, and the tokenizer's own facts when it has one.
+void FillTokenizerInfo(const LoadedModel& m, v1::TokenizerInfo* out) {
+  const ModelConfig& c = m.config;
   out->set_vocab_size(static_cast<uint32_t>(c.vocab_size));
   if (c.bos_token_id.has_value()) out->set_bos_token_id(static_cast<uint32_t>(*c.bos_token_id));
   for (int32_t id : c.eos_token_ids) out->add_eos_token_ids(static_cast<uint32_t>(id));
   if (c.pad_token_id.has_value()) out->set_pad_token_id(static_cast<uint32_t>(*c.pad_token_id));
+  if (m.tokenizer == nullptr) return;
+  const Tokenizer& t = *m.tokenizer;
+  out->set_vocab_size(static_cast<uint32_t>(t.vocab_size()));
+  if (t.bos_token_id().has_value()) {
+    out->set_bos_token_id(static_cast<uint32_t>(*t.bos_token_id()));
+  }
+  out->set_model_type("BPE");  // the only model type the tokenizer loads
+  // Whether add_special_tokens prepends BOS: what the post-processor does to empty text.
+  auto empty = t.EncodeIds("", EncodeOptions{});
+  out->set_add_bos_token(empty.ok() && !empty->empty() && t.bos_token_id().has_value() &&
+                         empty->front() == *t.bos_token_id());
+  for (int32_t id = 0; id < t.vocab_size(); ++id) {
+    if (!t.detokenizer().IsSpecial(id)) continue;
+    v1::SpecialToken* special = out->add_special_tokens();
+    special->set_id(static_cast<uint32_t>(id));
+    const int32_t one[] = {id};
+    special->set_content(t.Decode(one, /*skip_special_tokens=*/false));
+  }
 }
 
 void FillKvCacheInfo(const KvCache& kv, v1::KvCacheInfo* out) {
@@ -136,20 +156,87 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* InferenceService::GenerateStream(
       NotBuiltStatus("GenerateStream", kGenerationNeeds));
 }
 
+// The model's tokenizer, or FAILED_PRECONDITION saying why there is none.
+absl::StatusOr<const Tokenizer*> InferenceService::TokenizerFor(absl::string_view rpc) const {
+  const LoadedModel* m = state_->model();
+  if (m == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(rpc, ": no model is loaded (start loraserve with --model)"));
+  }
+  if (m->tokenizer == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(rpc, ": the model folder ", m->path, " has no tokenizer.json"));
+  }
+  return m->tokenizer.get();
+}
+
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
-                                                     const v1::TokenizeRequest*,
-                                                     v1::TokenizeResponse*) {
+                                                     const v1::TokenizeRequest* request,
+                                                     v1::TokenizeResponse* response) {
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return FinishUnary(context, DrainingStatus());
-  return FinishUnary(context, NotBuiltStatus("Tokenize", "the tokenizer (tokenizer.json)"));
+  auto tokenizer = TokenizerFor("Tokenize");
+  if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
+  if (request->text().size() > kMaxTokenizeTextBytes) {
+    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+                                    "Tokenize: text is ", request->text().size(),
+                                    " bytes; at most ", kMaxTokenizeTextBytes))));
+  }
+  EncodeOptions options;
+  if (request->has_options()) {
+    const v1::TokenizeOptions& o = request->options();
+    if (o.has_add_special_tokens()) options.add_special_tokens = o.add_special_tokens();
+    if (o.has_parse_special()) options.parse_special = o.parse_special();
+  }
+  auto encoding = (*tokenizer)->Encode(request->text(), options);
+  if (!encoding.ok()) {
+    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(
+                                    absl::StrCat("Tokenize: ", encoding.status().message()))));
+  }
+  for (int32_t id : encoding->ids) response->add_token_ids(static_cast<uint32_t>(id));
+  response->set_token_count(static_cast<uint32_t>(encoding->ids.size()));
+  if (request->return_pieces()) {
+    for (const std::string& piece : encoding->tokens) response->add_pieces(piece);
+  }
+  if (request->return_offsets()) {
+    for (const auto& [start, end] : encoding->offsets) {
+      v1::ByteSpan* span = response->add_offsets();
+      span->set_start(start);
+      span->set_end(end);
+    }
+  }
+  return FinishUnary(context, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
-                                                       const v1::DetokenizeRequest*,
-                                                       v1::DetokenizeResponse*) {
+                                                       const v1::DetokenizeRequest* request,
+                                                       v1::DetokenizeResponse* response) {
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return FinishUnary(context, DrainingStatus());
-  return FinishUnary(context, NotBuiltStatus("Detokenize", "the tokenizer (tokenizer.json)"));
+  auto tokenizer = TokenizerFor("Detokenize");
+  if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
+  if (request->token_ids_size() > kMaxDetokenizeIds) {
+    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+                                    "Detokenize: ", request->token_ids_size(),
+                                    " token ids; at most ", kMaxDetokenizeIds))));
+  }
+  // Ids of the model's vocabulary; those past the tokenizer's (padding rows) decode to nothing.
+  const uint32_t vocab = static_cast<uint32_t>(state_->model()->config.vocab_size);
+  std::vector<int32_t> ids;
+  ids.reserve(static_cast<size_t>(request->token_ids_size()));
+  for (int i = 0; i < request->token_ids_size(); ++i) {
+    const uint32_t id = request->token_ids(i);
+    if (id >= vocab) {
+      return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+                                      "Detokenize: token_ids[", i, "] = ", id,
+                                      " is outside the vocabulary [0, ", vocab, ")"))));
+    }
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  const bool skip_special =
+      request->has_skip_special_tokens() ? request->skip_special_tokens() : true;
+  response->set_text((*tokenizer)->Decode(ids, skip_special));
+  return FinishUnary(context, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
@@ -163,7 +250,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   if (const LoadedModel* m = state_->model(); m != nullptr) {
     response->set_model_loaded(true);
     FillModelInfo(*m, response->mutable_model());
-    FillTokenizerInfo(m->config, response->mutable_tokenizer());
+    FillTokenizerInfo(*m, response->mutable_tokenizer());
     FillKvCacheInfo(*m->kv_cache, response->mutable_kv_cache());
   }
   response->mutable_adapter_pool();

@@ -31,6 +31,12 @@ class InferenceService final : public loraserve::v1::Inference::CallbackService 
                                          loraserve::v1::GetModelInfoResponse* response) override;
 
  private:
+  // Limits of the Tokenize and Detokenize requests (see inference.proto).
+  static constexpr size_t kMaxTokenizeTextBytes = size_t{1} << 20;
+  static constexpr int kMaxDetokenizeIds = 1 << 20;
+
+  absl::StatusOr<const Tokenizer*> TokenizerFor(absl::string_view rpc) const;
+
   const ServerState* state_;
   DrainGate* gate_;
 };

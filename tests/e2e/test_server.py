@@ -95,7 +95,6 @@ def test_unbuilt_rpcs_are_unimplemented_with_a_reason(server):
             inference_pb2.GenerateRequest(text="hello"), timeout=10),
         "GenerateStream": lambda: list(inference.GenerateStream(
             inference_pb2.GenerateRequest(text="hello"), timeout=10)),
-        "Tokenize": lambda: inference.Tokenize(inference_pb2.TokenizeRequest(text="x"), timeout=10),
         "LoadAdapter": lambda: admin.LoadAdapter(
             admin_pb2.LoadAdapterRequest(adapter_id="a"), timeout=10),
         "UploadAdapter": lambda: admin.UploadAdapter(
@@ -295,3 +294,160 @@ def test_adapter_root_opens_a_registry(tmp_path, server_factory, model_dir):
     log = srv.log()
     assert f"adapters under {root}: 2 on disk" in log, log
     assert "max_lora_rank=64" in log and "adapter_pool_bytes=8388608" in log, log
+
+
+# ---- Tokenize / Detokenize ---------------------------------------------------------------------
+
+TOKENIZERS = os.path.join(os.environ.get("LS_SOURCE_DIR", "."), "tests", "golden", "tokenizers")
+
+
+def write_tiny_llama(path, vocab_size):
+    """A one-layer random Llama (fp32, tied embeddings) with `vocab_size` rows, written with the
+    standard library only, so a golden tokenizer can sit beside a model that covers its ids."""
+    import array
+    import random
+    rng = random.Random(5)
+    h, f, heads, kv_heads, head_dim = 32, 64, 2, 1, 16
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": h, "intermediate_size": f, "num_hidden_layers": 1,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "vocab_size": vocab_size, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    shapes = {
+        "model.embed_tokens.weight": [vocab_size, h],
+        "model.norm.weight": [h],
+        "model.layers.0.input_layernorm.weight": [h],
+        "model.layers.0.post_attention_layernorm.weight": [h],
+        "model.layers.0.self_attn.q_proj.weight": [heads * head_dim, h],
+        "model.layers.0.self_attn.k_proj.weight": [kv_heads * head_dim, h],
+        "model.layers.0.self_attn.v_proj.weight": [kv_heads * head_dim, h],
+        "model.layers.0.self_attn.o_proj.weight": [h, heads * head_dim],
+        "model.layers.0.mlp.gate_proj.weight": [f, h],
+        "model.layers.0.mlp.up_proj.weight": [f, h],
+        "model.layers.0.mlp.down_proj.weight": [h, f],
+    }
+    header, blobs, offset = {}, [], 0
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        values = array.array("f", (1.0 if len(shape) == 1 else rng.uniform(-0.1, 0.1)
+                                   for _ in range(n)))
+        data = values.tobytes()
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    with open(path / "model.safetensors", "wb") as out:
+        out.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.fixture
+def sp_model_dir(tmp_path):
+    """The tiny model with the SentencePiece-style golden tokenizer (1256 tokens, BOS <s>)."""
+    d = tmp_path / "sp_model"
+    write_tiny_llama(d, 1280)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(TOKENIZERS, "sentencepiece_bpe", name), d / name)
+    return d
+
+
+@pytest.fixture
+def sp_server(server_factory, sp_model_dir):
+    return server_factory(f"--model={sp_model_dir}", "--kv_cache_bytes=1048576", "--threads=1")
+
+
+def golden_cases(name):
+    with open(os.path.join(TOKENIZERS, name, "expected.json"), encoding="utf-8") as f:
+        return json.load(f)["cases"]
+
+
+def test_tokenize_matches_hugging_face(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    cases = golden_cases("sentencepiece_bpe")
+    checked = 0
+    for case in cases:
+        text = case["text"]
+        if len(text.encode("utf-8")) > 300:
+            continue
+        # Defaults: BOS added, special-token strings in the text encoded as plain text.
+        r = stub.Tokenize(inference_pb2.TokenizeRequest(text=text), timeout=10)
+        assert list(r.token_ids) == case["ids_split_special"], text
+        assert r.token_count == len(case["ids_split_special"])
+        opts = inference_pb2.TokenizeOptions(parse_special=True)
+        r = stub.Tokenize(inference_pb2.TokenizeRequest(text=text, options=opts, return_pieces=True,
+                                                        return_offsets=True), timeout=10)
+        assert list(r.token_ids) == case["ids"], text
+        assert list(r.pieces) == case["tokens"], text
+        assert [[o.start, o.end] for o in r.offsets] == case["offsets"], text
+        opts = inference_pb2.TokenizeOptions(add_special_tokens=False)
+        r = stub.Tokenize(inference_pb2.TokenizeRequest(text=text, options=opts), timeout=10)
+        assert list(r.token_ids) == case["ids_split_special_no_special"], text
+        checked += 1
+    assert checked >= 40
+
+
+def test_detokenize_matches_hugging_face(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    for case in golden_cases("sentencepiece_bpe")[:40]:
+        r = stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=case["ids"]), timeout=10)
+        assert r.text == case["decode_skip_special"], case["text"]
+        r = stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=case["ids"],
+                                                            skip_special_tokens=False), timeout=10)
+        assert r.text == case["decode"], case["text"]
+
+
+def test_tokenize_errors(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=[5, 1280]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token_ids[1] = 1280 is outside the vocabulary [0, 1280)" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Tokenize(inference_pb2.TokenizeRequest(text="a" * (1 << 20 | 1)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1048576" in err.value.details()
+    # Ids past the tokenizer's vocabulary but inside the model's (padding rows) decode to nothing.
+    r = stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=[1270]), timeout=10)
+    assert r.text == ""
+    # The server keeps serving after bad requests.
+    assert stub.Tokenize(inference_pb2.TokenizeRequest(text="ok"), timeout=10).token_count > 0
+
+
+def test_tokenizer_info(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10).tokenizer
+    assert info.vocab_size == 1256
+    assert info.bos_token_id == 1 and info.add_bos_token
+    assert info.model_type == "BPE"
+    specials = {t.content: t.id for t in info.special_tokens}
+    assert specials.get("<s>") == 1 and specials.get("</s>") == 2, specials
+
+
+def test_text_rpcs_without_a_tokenizer_fail_precondition(server):
+    stub = inference_pb2_grpc.InferenceStub(channel(server))
+    for call in (lambda: stub.Tokenize(inference_pb2.TokenizeRequest(text="x"), timeout=10),
+                 lambda: stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=[1]),
+                                         timeout=10)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "has no tokenizer.json" in err.value.details()
+
+
+def test_tokenizer_larger_than_the_model_refuses_to_start(tmp_path, model_dir):
+    d = tmp_path / "mismatch"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("adapters", "expected*"))
+    shutil.copy(os.path.join(TOKENIZERS, "sentencepiece_bpe", "tokenizer.json"),
+                d / "tokenizer.json")
+    proc = subprocess.run([LORASERVE, f"--model={d}", "--address=127.0.0.1:0",
+                           "--metrics_address=127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "tokenizer.json has 1256 tokens but the model's vocab_size is 256" in proc.stderr
