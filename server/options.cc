@@ -40,6 +40,8 @@ ABSL_FLAG(uint64_t, adapter_host_cache_bytes, 2ull << 30,
 ABSL_FLAG(absl::Duration, adapter_wait_timeout, absl::Seconds(30),
           "How long a request waits for room in the adapter pool before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_loras_per_step, 32, "Most distinct adapters in one forward step");
+ABSL_FLAG(int64_t, max_queued_requests, 1024,
+          "Most generation requests waiting for their first step; more get RESOURCE_EXHAUSTED");
 
 namespace ls {
 
@@ -156,6 +158,10 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--max_loras_per_step=", max_loras_per_step, ": must be in [1, 4096]"));
   }
+  if (max_queued_requests < 1 || max_queued_requests > (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_queued_requests=", max_queued_requests, ": must be in [1, 2^20]"));
+  }
   return absl::OkStatus();
 }
 
@@ -165,14 +171,15 @@ std::string ServerOptions::ToString() const {
       "max_model_len=%d kv_cache_bytes=%d kv_block_tokens=%d threads=%d weights_dtype=%s "
       "max_step_tokens=%d drain_timeout=%s max_receive_message_bytes=%d adapter_root=%s "
       "max_lora_rank=%d adapter_pool_bytes=%d adapter_page_bytes=%d "
-      "adapter_host_cache_bytes=%d adapter_wait_timeout=%s max_loras_per_step=%d",
+      "adapter_host_cache_bytes=%d adapter_wait_timeout=%s max_loras_per_step=%d "
+      "max_queued_requests=%d",
       address, metrics_address, enable_reflection ? "true" : "false",
       model_dir.empty() ? "(none)" : model_dir, BackendName(backend), max_model_len, kv_cache_bytes,
       kv_block_tokens, threads, weights_dtype == DType::kBF16 ? "bf16" : "fp32", max_step_tokens,
       absl::FormatDuration(drain_timeout), max_receive_message_bytes,
       adapter_root.empty() ? "(none)" : adapter_root, max_lora_rank, adapter_pool_bytes,
       adapter_page_bytes, adapter_host_cache_bytes, absl::FormatDuration(adapter_wait_timeout),
-      max_loras_per_step);
+      max_loras_per_step, max_queued_requests);
 }
 
 absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
@@ -213,6 +220,7 @@ absl::StatusOr<ServerOptions> ServerOptionsFromFlags() {
   o.adapter_host_cache_bytes = absl::GetFlag(FLAGS_adapter_host_cache_bytes);
   o.adapter_wait_timeout = absl::GetFlag(FLAGS_adapter_wait_timeout);
   o.max_loras_per_step = absl::GetFlag(FLAGS_max_loras_per_step);
+  o.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   LS_RETURN_IF_ERROR(o.Validate());
   return o;
 }

@@ -49,6 +49,7 @@ struct ServerOptions {
   uint64_t adapter_host_cache_bytes = 2ull << 30;   // loaded adapters kept in host memory
   absl::Duration adapter_wait_timeout = absl::Seconds(30);  // waiting for pool room, at most
   int max_loras_per_step = 32;                      // distinct adapters in one step
+  int64_t max_queued_requests = 1024;               // submitted, not yet running
 
   // Checks every field; the message names the flag and the bad value.
   absl::Status Validate() const;

@@ -46,6 +46,9 @@ std::vector<std::string> ServedMethods() {
 LoraServer::LoraServer(const ServerOptions& options) : options_(options) {}
 
 LoraServer::~LoraServer() {
+  // Cancel what the engine still runs first, so every generation RPC gets its status and the
+  // gRPC server's Wait() below does not wait on the engine.
+  if (state_ != nullptr) state_->StopEngine(absl::InfinitePast());
   if (server_ != nullptr) {
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
@@ -122,6 +125,9 @@ void LoraServer::Shutdown(absl::Time deadline) {
   }
   const int64_t in_flight = gate_.in_flight();
   if (in_flight > 0) LS_LOG(WARNING) << "cancelling " << in_flight << " in-flight RPC(s)";
+  // Generation RPCs still running past the drain deadline are cancelled by the engine (they end
+  // with UNAVAILABLE); the engine thread is joined before the model can be destroyed.
+  if (state_ != nullptr) state_->StopEngine(absl::InfinitePast());
   if (server_ != nullptr) {
     server_->Shutdown(force_.load() ? absl::ToChronoTime(absl::Now())
                                     : absl::ToChronoTime(std::max(deadline, absl::Now())));

@@ -87,6 +87,17 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
     if (!registry.ok()) return WithFlag(registry.status(), "--adapter_root");
     m->adapters = std::move(*registry);
   }
+  EngineOptions eo;
+  eo.max_step_tokens = static_cast<int32_t>(options.max_step_tokens);
+  eo.max_loras_per_step = options.max_loras_per_step;
+  eo.max_model_len = m->config.max_model_len;
+  eo.max_queued_requests = static_cast<int32_t>(options.max_queued_requests);
+  auto engine = Engine::Create(eo, m->model.get(), m->kv_cache.get(), m->config,
+                               m->adapters.get(),
+                               m->tokenizer != nullptr ? &m->tokenizer->detokenizer() : nullptr);
+  if (!engine.ok()) return WithFlag(engine.status(), "--max_step_tokens");
+  m->engine = std::move(*engine);
+  LS_RETURN_IF_ERROR(m->engine->Start());
   m->load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return m;
 }
@@ -131,6 +142,10 @@ absl::StatusOr<std::unique_ptr<ServerState>> ServerState::Create(const ServerOpt
     }
   }
   return state;
+}
+
+void ServerState::StopEngine(absl::Time drain_deadline) {
+  if (model_ != nullptr && model_->engine != nullptr) model_->engine->Stop(drain_deadline);
 }
 
 }  // namespace ls

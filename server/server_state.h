@@ -19,6 +19,7 @@
 #include "model/llama_model.h"
 #include "model/weights.h"
 #include "server/adapters/registry.h"
+#include "server/engine/engine.h"
 #include "tokenizer/tokenizer.h"
 #include "server/options.h"
 
@@ -38,6 +39,9 @@ struct LoadedModel {
   // With --adapter_root: the adapters over this model (docs/adapters.md). Declared after the
   // model objects it reads, so it is destroyed first.
   std::unique_ptr<AdapterRegistry> adapters;
+  // Runs generation over everything above; declared last so it is stopped and destroyed (its
+  // thread joined, its requests' adapter refs dropped) before anything it uses.
+  std::unique_ptr<Engine> engine;
   double load_seconds = 0;
 };
 
@@ -53,6 +57,12 @@ class ServerState {
   absl::Time start_time() const { return start_time_; }
   const LoadedModel* model() const { return model_.get(); }
   const std::vector<CudaDeviceInfo>& cuda_devices() const { return cuda_devices_; }
+  // The generation engine; null without a model. Submit and Stats are thread-safe.
+  Engine* engine() const { return model_ != nullptr ? model_->engine.get() : nullptr; }
+
+  // Stops the engine (see Engine::Stop): requests in flight may run until `drain_deadline`,
+  // the rest are cancelled. Idempotent; a no-op without a model.
+  void StopEngine(absl::Time drain_deadline);
 
  private:
   explicit ServerState(const ServerOptions& options)

@@ -2,9 +2,22 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/mutex.h"
+#include "common/status.h"
 #include "server/build_info.h"
 #include "server/grpc/reactors.h"
 #include "server/grpc/rpc_status.h"
@@ -15,8 +28,13 @@ namespace {
 
 namespace v1 = ::loraserve::v1;
 
-constexpr absl::string_view kGenerationNeeds =
-    "the model engine (forward pass, KV cache, scheduler) and the tokenizer";
+// GenerateRequest limits (see inference.proto).
+constexpr size_t kMaxPromptTextBytes = size_t{1} << 20;
+constexpr size_t kMaxRequestIdChars = 128;
+constexpr int kMaxStopStrings = 16;
+constexpr size_t kMaxStopStringBytes = 256;
+// max_new_tokens when a request leaves it unset (reported as SchedulerInfo's default).
+constexpr uint32_t kDefaultMaxNewTokens = 256;
 
 v1::DType ToProtoDType(DType dtype) {
   switch (dtype) {
@@ -140,22 +158,639 @@ void FillBackendInfo(const ServerState& state, v1::BackendInfo* out) {
 
 }  // namespace
 
+namespace {
+
+uint64_t RandomU64() {
+  thread_local std::mt19937_64 rng([] {
+    std::random_device rd;
+    return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }());
+  return rng();
+}
+
+// The proto's uint32 token ids as the engine's int32, saturating so an out-of-range id stays
+// out of range (model/sampler.h).
+int32_t ToTokenId(uint32_t id) {
+  return static_cast<int32_t>(std::min<uint32_t>(id, std::numeric_limits<int32_t>::max()));
+}
+
+absl::Status ValidateRequestId(absl::string_view id) {
+  if (id.size() > kMaxRequestIdChars) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id has ", id.size(),
+                                                   " characters; at most ", kMaxRequestIdChars));
+  }
+  for (char c : id) {
+    const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == ':' || c == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request_id \"", id, "\" has a character outside [A-Za-z0-9._:-]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A validated request, ready to Submit.
+struct PreparedGenerate {
+  EngineRequest engine;
+  std::string request_id;
+  std::string adapter_id;
+  std::vector<int32_t> prompt_ids;
+  std::vector<std::string> stop_strings;
+  bool return_token_ids = false;
+  bool return_prompt_token_ids = false;
+  absl::Time arrival;
+};
+
+absl::Status Unimplemented(absl::string_view field) {
+  return absl::UnimplementedError(
+      absl::StrCat(field, " is not implemented in loraserve ", kVersion,
+                   "; leave it at its default"));
+}
+
+// Everything Generate checks before Submit. `request_id` is set first (for x-request-id).
+absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest& request,
+                             absl::Time deadline, std::shared_ptr<std::atomic<bool>> cancelled,
+                             PreparedGenerate* out) {
+  const LoadedModel* m = state.model();
+  if (m == nullptr || m->engine == nullptr) {
+    return absl::FailedPreconditionError(
+        "no model is loaded (start loraserve with --model); generation is unavailable");
+  }
+  const int32_t vocab = m->config.vocab_size;
+  const int64_t max_model_len = m->config.max_model_len;
+
+  // Prompt.
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (m->tokenizer == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "prompt.text needs a tokenizer, but the model folder ", m->path,
+            " has no tokenizer.json; send prompt.token_ids instead"));
+      }
+      if (request.text().size() > kMaxPromptTextBytes) {
+        return absl::InvalidArgumentError(absl::StrCat("prompt.text is ", request.text().size(),
+                                                       " bytes; at most ", kMaxPromptTextBytes));
+      }
+      EncodeOptions options;
+      if (request.has_tokenize_options()) {
+        const v1::TokenizeOptions& o = request.tokenize_options();
+        if (o.has_add_special_tokens()) options.add_special_tokens = o.add_special_tokens();
+        if (o.has_parse_special()) options.parse_special = o.parse_special();
+      }
+      auto ids = m->tokenizer->EncodeIds(request.text(), options);
+      if (!ids.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("prompt.text: ", ids.status().message()));
+      }
+      out->prompt_ids = std::move(*ids);
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds: {
+      const auto& ids = request.token_ids().ids();
+      out->prompt_ids.reserve(static_cast<size_t>(ids.size()));
+      for (int i = 0; i < ids.size(); ++i) {
+        if (ids[i] >= static_cast<uint32_t>(vocab)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("prompt.token_ids.ids[", i, "] = ", ids[i],
+                           " is outside the vocabulary [0, ", vocab, ")"));
+        }
+        out->prompt_ids.push_back(ToTokenId(ids[i]));
+      }
+      break;
+    }
+    default:
+      return absl::InvalidArgumentError("prompt is unset: set prompt.text or prompt.token_ids");
+  }
+  const int64_t prompt_len = static_cast<int64_t>(out->prompt_ids.size());
+  if (prompt_len == 0) {
+    return absl::InvalidArgumentError("the prompt is empty (0 tokens after tokenization)");
+  }
+  if (prompt_len >= max_model_len) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", prompt_len,
+                                                   " tokens; at most max_model_len - 1 = ",
+                                                   max_model_len - 1));
+  }
+
+  // Fields this version does not implement: refused, never ignored.
+  if (!request.adapter_version().empty()) {
+    if (request.adapter_id().empty()) {
+      return absl::InvalidArgumentError("adapter_version is set but adapter_id is empty");
+    }
+    return Unimplemented("adapter_version");
+  }
+  if (request.priority() != 0) return Unimplemented("priority");
+  if (request.has_max_queue_seconds()) return Unimplemented("max_queue_seconds");
+  const v1::OutputOptions& output = request.output();
+  if (output.logprobs()) return Unimplemented("output.logprobs");
+  if (output.top_logprobs() != 0) return Unimplemented("output.top_logprobs");
+  if (output.prompt_logprobs()) return Unimplemented("output.prompt_logprobs");
+  const v1::StoppingCriteria& stopping = request.stopping();
+  if (stopping.include_stop_string_in_output()) {
+    return Unimplemented("stopping.include_stop_string_in_output");
+  }
+
+  // Sampling and stopping.
+  SamplingParams& p = out->engine.sampling;
+  const v1::SamplingParams& sp = request.sampling();
+  if (sp.has_temperature()) p.temperature = sp.temperature();
+  p.top_k = sp.top_k();
+  if (sp.has_top_p()) p.top_p = sp.top_p();
+  p.min_p = sp.min_p();
+  if (sp.has_repetition_penalty()) p.repetition_penalty = sp.repetition_penalty();
+  p.presence_penalty = sp.presence_penalty();
+  p.frequency_penalty = sp.frequency_penalty();
+  p.seed = sp.has_seed() ? sp.seed() : RandomU64();
+  if (static_cast<size_t>(sp.logit_bias_size()) > kMaxLogitBiasEntries) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias has ",
+                                                   sp.logit_bias_size(), " entries; at most ",
+                                                   kMaxLogitBiasEntries));
+  }
+  for (const v1::TokenBias& b : sp.logit_bias()) {
+    p.logit_bias.push_back(TokenBias{ToTokenId(b.token_id()), b.bias()});
+  }
+  const int64_t room = max_model_len - prompt_len;
+  if (stopping.has_max_new_tokens()) {
+    if (stopping.max_new_tokens() == 0) {
+      return absl::InvalidArgumentError("stopping.max_new_tokens must be >= 1, found 0");
+    }
+    if (static_cast<int64_t>(stopping.max_new_tokens()) > room) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt tokens + stopping.max_new_tokens = ", prompt_len, " + ",
+          stopping.max_new_tokens(), " exceeds max_model_len ", max_model_len));
+    }
+    p.max_new_tokens = stopping.max_new_tokens();
+  } else {
+    p.max_new_tokens =
+        static_cast<uint32_t>(std::min<int64_t>(kDefaultMaxNewTokens, room));
+  }
+  p.min_new_tokens = stopping.min_new_tokens();
+  if (static_cast<size_t>(stopping.stop_token_ids_size()) > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat("stopping.stop_token_ids has ",
+                                                   stopping.stop_token_ids_size(),
+                                                   " ids; at most ", kMaxStopTokenIds));
+  }
+  for (uint32_t id : stopping.stop_token_ids()) p.stop_token_ids.push_back(ToTokenId(id));
+  p.ignore_eos = stopping.ignore_eos();
+  p.eos_token_ids = m->config.eos_token_ids;
+  if (stopping.stop_strings_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(absl::StrCat("stopping.stop_strings has ",
+                                                   stopping.stop_strings_size(),
+                                                   " strings; at most ", kMaxStopStrings));
+  }
+  for (int i = 0; i < stopping.stop_strings_size(); ++i) {
+    const std::string& stop = stopping.stop_strings(i);
+    if (stop.empty() || stop.size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stopping.stop_strings[", i, "] has ",
+                                                     stop.size(), " bytes; must be 1 to ",
+                                                     kMaxStopStringBytes));
+    }
+    if (m->tokenizer == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "stopping.stop_strings need a tokenizer, but the model folder ", m->path,
+          " has no tokenizer.json"));
+    }
+  }
+  out->stop_strings.assign(stopping.stop_strings().begin(), stopping.stop_strings().end());
+  LS_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab));
+
+  out->engine.prompt_token_ids = out->prompt_ids;
+  out->engine.stop_strings = out->stop_strings;
+  out->engine.skip_special_tokens =
+      output.has_skip_special_tokens() ? output.skip_special_tokens() : true;
+  out->engine.deadline = deadline;
+  out->engine.cancelled = std::move(cancelled);
+  out->return_token_ids = output.return_token_ids();
+  out->return_prompt_token_ids = output.return_prompt_token_ids();
+
+  // Adapter: never a silent fall-back to the base model.
+  out->adapter_id = request.adapter_id();
+  if (!out->adapter_id.empty()) {
+    if (m->adapters == nullptr) {
+      return absl::NotFoundError(absl::StrCat("adapter_id \"", out->adapter_id,
+                                              "\": no such adapter (the server has no "
+                                              "--adapter_root and serves the base model only)"));
+    }
+    auto ref = m->adapters->Acquire(out->adapter_id);
+    if (!ref.ok()) {
+      return absl::Status(ref.status().code(), absl::StrCat("adapter_id \"", out->adapter_id,
+                                                            "\": ", ref.status().message()));
+    }
+    out->engine.adapter = std::move(*ref);
+  }
+  return absl::OkStatus();
+}
+
+// The request's outcome as the client's status: OK for a normal end; a cancel the client did
+// not ask for is the server's (Stop after the drain deadline): UNAVAILABLE.
+grpc::Status ResultStatus(const EngineResult& result, bool client_cancelled) {
+  switch (result.reason) {
+    case EngineFinishReason::kLength:
+    case EngineFinishReason::kEos:
+    case EngineFinishReason::kStop:
+      return grpc::Status::OK;
+    case EngineFinishReason::kCancelled:
+      if (client_cancelled) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "the server is shutting down and cancelled the request; retry on "
+                          "another replica");
+    case EngineFinishReason::kDeadline:
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the deadline passed");
+    case EngineFinishReason::kError:
+      break;
+  }
+  if (result.status.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, "generation failed");
+  return ToGrpcStatus(result.status);
+}
+
+// Accumulates what the final message carries: counts, the last token, timings.
+struct FinalTracker {
+  absl::Time arrival;
+  absl::Time first_token = absl::InfinitePast();
+  int32_t last_token = -1;
+
+  void OnIds(absl::Span<const int32_t> ids) {
+    if (ids.empty()) return;
+    if (first_token == absl::InfinitePast()) first_token = absl::Now();
+    last_token = ids.back();
+  }
+
+  // Fills finish_reason, stop_match, usage and timings of a GenerateResponse or GenerateChunk.
+  template <typename Message>
+  void Fill(const EngineResult& result, const std::vector<std::string>& stop_strings,
+            Message* out) const {
+    switch (result.reason) {
+      case EngineFinishReason::kLength:
+        out->set_finish_reason(v1::FINISH_REASON_LENGTH);
+        break;
+      case EngineFinishReason::kEos:
+        out->set_finish_reason(v1::FINISH_REASON_EOS);
+        if (last_token >= 0) out->set_matched_stop_token_id(static_cast<uint32_t>(last_token));
+        break;
+      default:
+        if (result.stop_string_index >= 0 &&
+            static_cast<size_t>(result.stop_string_index) < stop_strings.size()) {
+          out->set_finish_reason(v1::FINISH_REASON_STOP_STRING);
+          out->set_matched_stop_string(
+              stop_strings[static_cast<size_t>(result.stop_string_index)]);
+        } else {
+          out->set_finish_reason(v1::FINISH_REASON_STOP_TOKEN);
+          if (last_token >= 0) out->set_matched_stop_token_id(static_cast<uint32_t>(last_token));
+        }
+        break;
+    }
+    out->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(result.usage.prompt_tokens));
+    out->mutable_usage()->set_completion_tokens(
+        static_cast<uint32_t>(result.usage.completion_tokens));
+    const absl::Time end = absl::Now();
+    const double total = absl::ToDoubleSeconds(end - arrival);
+    const double ttft = first_token == absl::InfinitePast()
+                            ? total
+                            : absl::ToDoubleSeconds(first_token - arrival);
+    v1::Timings* t = out->mutable_timings();
+    t->set_time_to_first_token_seconds(ttft);
+    t->set_total_seconds(total);
+    if (result.usage.completion_tokens >= 2 && total > ttft) {
+      t->set_decode_tokens_per_second((result.usage.completion_tokens - 1) / (total - ttft));
+    }
+  }
+};
+
+// ---- Generate ----
+
+class GenerateUnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  GenerateUnaryReactor(DrainGate::Ticket ticket, std::shared_ptr<std::atomic<bool>> cancelled)
+      : ticket_(std::move(ticket)), cancelled_(std::move(cancelled)) {}
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  DrainGate::Ticket ticket_;  // released when gRPC is done with the call
+  std::shared_ptr<std::atomic<bool>> cancelled_;
+};
+
+// Collects the output and finishes the call. The reactor lives until Finish (OnDone follows
+// it), and OnFinish touches nothing after calling Finish.
+class UnarySink final : public RequestSink {
+ public:
+  UnarySink(GenerateUnaryReactor* reactor, v1::GenerateResponse* response,
+            PreparedGenerate& prepared)
+      : reactor_(reactor),
+        response_(response),
+        cancelled_(prepared.engine.cancelled),
+        return_token_ids_(prepared.return_token_ids),
+        stop_strings_(prepared.stop_strings) {
+    tracker_.arrival = prepared.arrival;
+  }
+
+  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) override {
+    tracker_.OnIds(ids);
+    response_->mutable_text()->append(text.data(), text.size());
+    if (return_token_ids_) {
+      for (int32_t id : ids) response_->add_token_ids(static_cast<uint32_t>(id));
+    }
+  }
+
+  void OnFinish(const EngineResult& result) override {
+    const grpc::Status status = ResultStatus(result, cancelled_->load());
+    if (status.ok()) {
+      response_->mutable_adapter()->set_id(result.adapter_id);
+      response_->mutable_adapter()->set_version(result.adapter_version);
+      tracker_.Fill(result, stop_strings_, response_);
+    }
+    reactor_->Finish(status);  // last use of the reactor and the response
+  }
+
+ private:
+  GenerateUnaryReactor* const reactor_;
+  v1::GenerateResponse* const response_;
+  const std::shared_ptr<std::atomic<bool>> cancelled_;
+  const bool return_token_ids_;
+  const std::vector<std::string> stop_strings_;
+  FinalTracker tracker_;
+};
+
+// ---- GenerateStream ----
+
+class GenerateStreamReactor;
+
+// The sink's way to the reactor: null once the reactor is gone (OnDone). OnDone takes `mu`
+// before deleting the reactor, so a sink holding `mu` always sees a live reactor or null.
+struct StreamLink {
+  std::mutex mu;
+  GenerateStreamReactor* reactor = nullptr;
+};
+
+// One write in flight: chunks queue under mu_ and the next is written from OnWriteDone.
+// gRPC calls (StartWrite, Finish) are made outside mu_.
+class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::GenerateChunk> {
+ public:
+  GenerateStreamReactor(DrainGate::Ticket ticket, std::shared_ptr<std::atomic<bool>> cancelled)
+      : ticket_(std::move(ticket)),
+        cancelled_(std::move(cancelled)),
+        link_(std::make_shared<StreamLink>()) {
+    link_->reactor = this;
+  }
+
+  const std::shared_ptr<StreamLink>& link() const { return link_; }
+  const std::shared_ptr<std::atomic<bool>>& cancelled() const { return cancelled_; }
+
+  // Queues a chunk; a delta (`mergeable`) joins a delta still waiting to be written.
+  void Enqueue(v1::GenerateChunk chunk, bool mergeable) {
+    {
+      MutexLock lock(&mu_);
+      if (broken_) return;
+      if (mergeable && back_mergeable_ && !queue_.empty()) {
+        v1::GenerateChunk& back = queue_.back();
+        back.mutable_text()->append(chunk.text());
+        back.mutable_token_ids()->MergeFrom(chunk.token_ids());
+      } else {
+        queue_.push_back(std::move(chunk));
+        back_mergeable_ = mergeable;
+      }
+    }
+    Pump();
+  }
+
+  // Ends the stream with `status` once every queued chunk (and `final_chunk`) is written.
+  void Complete(grpc::Status status, std::optional<v1::GenerateChunk> final_chunk) {
+    {
+      MutexLock lock(&mu_);
+      if (final_chunk.has_value() && !broken_) {
+        queue_.push_back(std::move(*final_chunk));
+        back_mergeable_ = false;
+      }
+      finish_pending_ = true;
+      status_ = std::move(status);
+    }
+    Pump();
+  }
+
+  // Writing may start (after a successful Submit; the header chunk is queued first).
+  void Accept() {
+    {
+      MutexLock lock(&mu_);
+      accepted_ = true;
+    }
+    Pump();
+  }
+
+  // Refused before acceptance: no chunk, just the status.
+  void Refuse(grpc::Status status) {
+    {
+      MutexLock lock(&mu_);
+      queue_.clear();
+      accepted_ = true;
+    }
+    Complete(std::move(status), std::nullopt);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        broken_ = true;
+        queue_.clear();
+      }
+    }
+    Pump();
+  }
+
+  void OnCancel() override { cancelled_->store(true); }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(link_->mu);
+      link_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    enum class Action { kNone, kWrite, kFinish } action = Action::kNone;
+    grpc::Status status;
+    {
+      MutexLock lock(&mu_);
+      if (!accepted_ || writing_ || finished_) return;
+      if (!queue_.empty()) {
+        current_ = std::move(queue_.front());
+        queue_.pop_front();
+        writing_ = true;
+        action = Action::kWrite;
+      } else if (finish_pending_) {
+        finished_ = true;
+        status = status_;
+        if (broken_ && status.ok()) {
+          status = grpc::Status(grpc::StatusCode::CANCELLED, "the stream was broken");
+        }
+        action = Action::kFinish;
+      }
+    }
+    // current_ is touched again only after OnWriteDone (writing_ guards it).
+    if (action == Action::kWrite) StartWrite(&current_);
+    if (action == Action::kFinish) Finish(std::move(status));
+  }
+
+  DrainGate::Ticket ticket_;
+  const std::shared_ptr<std::atomic<bool>> cancelled_;
+  const std::shared_ptr<StreamLink> link_;
+  Mutex mu_;
+  std::deque<v1::GenerateChunk> queue_ ABSL_GUARDED_BY(mu_);
+  bool back_mergeable_ ABSL_GUARDED_BY(mu_) = false;
+  bool accepted_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
+  v1::GenerateChunk current_;
+};
+
+class StreamSink final : public RequestSink {
+ public:
+  StreamSink(GenerateStreamReactor* reactor, PreparedGenerate& prepared)
+      : link_(reactor->link()),
+        cancelled_(reactor->cancelled()),
+        request_id_(prepared.request_id),
+        return_token_ids_(prepared.return_token_ids),
+        stop_strings_(prepared.stop_strings) {
+    tracker_.arrival = prepared.arrival;
+  }
+
+  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) override {
+    tracker_.OnIds(ids);
+    const bool send_ids = return_token_ids_ && !ids.empty();
+    if (text.empty() && !send_ids) return;  // nothing the client asked for
+    v1::GenerateChunk chunk;
+    chunk.set_request_id(request_id_);
+    chunk.set_text(std::string(text));
+    if (send_ids) {
+      for (int32_t id : ids) chunk.add_token_ids(static_cast<uint32_t>(id));
+    }
+    std::lock_guard<std::mutex> lock(link_->mu);
+    if (link_->reactor != nullptr) link_->reactor->Enqueue(std::move(chunk), true);
+  }
+
+  void OnFinish(const EngineResult& result) override {
+    grpc::Status status = ResultStatus(result, cancelled_->load());
+    std::optional<v1::GenerateChunk> final_chunk;
+    if (status.ok()) {
+      final_chunk.emplace();
+      final_chunk->set_request_id(request_id_);
+      tracker_.Fill(result, stop_strings_, &*final_chunk);
+    }
+    std::lock_guard<std::mutex> lock(link_->mu);
+    if (link_->reactor != nullptr) {
+      link_->reactor->Complete(std::move(status), std::move(final_chunk));
+    }
+  }
+
+ private:
+  const std::shared_ptr<StreamLink> link_;
+  const std::shared_ptr<std::atomic<bool>> cancelled_;
+  const std::string request_id_;
+  const bool return_token_ids_;
+  const std::vector<std::string> stop_strings_;
+  FinalTracker tracker_;
+};
+
+// Request id (validated or generated) and the x-request-id header.
+absl::Status SetRequestId(grpc::CallbackServerContext* context,
+                          const v1::GenerateRequest& request, PreparedGenerate* prepared) {
+  LS_RETURN_IF_ERROR(ValidateRequestId(request.request_id()));
+  prepared->request_id = request.request_id().empty()
+                             ? absl::StrFormat("req-%016x", RandomU64())
+                             : request.request_id();
+  context->AddInitialMetadata("x-request-id", prepared->request_id);
+  return absl::OkStatus();
+}
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
+  const auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+}  // namespace
+
 grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext* context,
-                                                     const v1::GenerateRequest*,
-                                                     v1::GenerateResponse*) {
+                                                     const v1::GenerateRequest* request,
+                                                     v1::GenerateResponse* response) {
+  const absl::Time arrival = absl::Now();
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return FinishUnary(context, DrainingStatus());
-  return FinishUnary(context, NotBuiltStatus("Generate", kGenerationNeeds));
+  auto cancelled = std::make_shared<std::atomic<bool>>(false);
+  auto* reactor = new GenerateUnaryReactor(std::move(ticket), cancelled);
+  PreparedGenerate prepared;
+  prepared.arrival = arrival;
+  absl::Status status = SetRequestId(context, *request, &prepared);
+  if (status.ok()) {
+    status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
+  }
+  if (!status.ok()) {
+    reactor->Finish(ToGrpcStatus(status));
+    return reactor;
+  }
+  response->set_request_id(prepared.request_id);
+  response->set_seed(prepared.engine.sampling.seed);
+  for (int32_t id : prepared.return_prompt_token_ids ? prepared.prompt_ids
+                                                     : std::vector<int32_t>()) {
+    response->add_prompt_token_ids(static_cast<uint32_t>(id));
+  }
+  auto sink = std::make_shared<UnarySink>(reactor, response, prepared);
+  status = state_->engine()->Submit(std::move(prepared.engine), std::move(sink));
+  // On error the sink was never called and is dropped: the reply is ours to send.
+  if (!status.ok()) reactor->Finish(ToGrpcStatus(status));
+  return reactor;
 }
 
 grpc::ServerWriteReactor<v1::GenerateChunk>* InferenceService::GenerateStream(
-    grpc::CallbackServerContext*, const v1::GenerateRequest*) {
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  const absl::Time arrival = absl::Now();
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return new FinishedWriteReactor<v1::GenerateChunk>(DrainingStatus());
-  return new FinishedWriteReactor<v1::GenerateChunk>(
-      NotBuiltStatus("GenerateStream", kGenerationNeeds));
+  auto cancelled = std::make_shared<std::atomic<bool>>(false);
+  auto* reactor = new GenerateStreamReactor(std::move(ticket), cancelled);
+  PreparedGenerate prepared;
+  prepared.arrival = arrival;
+  absl::Status status = SetRequestId(context, *request, &prepared);
+  if (status.ok()) {
+    status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
+  }
+  if (!status.ok()) {
+    reactor->Refuse(ToGrpcStatus(status));
+    return reactor;
+  }
+  // The header is queued before Submit, so it precedes every token; writing starts on Accept.
+  v1::GenerateChunk header;
+  header.set_request_id(prepared.request_id);
+  header.mutable_adapter()->set_id(prepared.adapter_id);
+  std::string version = prepared.engine.adapter.version();
+  if (version.empty() && !prepared.adapter_id.empty()) {
+    // Not resident yet: the version new references get (the one this ref holds).
+    auto info = state_->model()->adapters->Get(prepared.adapter_id);
+    if (info.ok()) version = info->version;
+  }
+  header.mutable_adapter()->set_version(version);
+  header.set_seed(prepared.engine.sampling.seed);
+  header.mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(prepared.prompt_ids.size()));
+  header.mutable_usage()->set_completion_tokens(0);
+  if (prepared.return_prompt_token_ids) {
+    for (int32_t id : prepared.prompt_ids) header.add_prompt_token_ids(static_cast<uint32_t>(id));
+  }
+  reactor->Enqueue(std::move(header), false);
+  auto sink = std::make_shared<StreamSink>(reactor, prepared);
+  status = state_->engine()->Submit(std::move(prepared.engine), std::move(sink));
+  if (!status.ok()) {
+    reactor->Refuse(ToGrpcStatus(status));
+  } else {
+    reactor->Accept();
+  }
+  return reactor;
 }
-
 // The model's tokenizer, or FAILED_PRECONDITION saying why there is none.
 absl::StatusOr<const Tokenizer*> InferenceService::TokenizerFor(absl::string_view rpc) const {
   const LoadedModel* m = state_->model();
@@ -254,8 +889,15 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
     FillKvCacheInfo(*m->kv_cache, response->mutable_kv_cache());
   }
   response->mutable_adapter_pool();
-  response->mutable_scheduler()->set_max_step_tokens(
-      static_cast<uint32_t>(state_->options().max_step_tokens));
+  v1::SchedulerInfo* scheduler = response->mutable_scheduler();
+  scheduler->set_max_step_tokens(static_cast<uint32_t>(state_->options().max_step_tokens));
+  scheduler->set_max_queued_requests(static_cast<uint32_t>(state_->options().max_queued_requests));
+  scheduler->set_default_max_new_tokens(kDefaultMaxNewTokens);
+  if (const Engine* engine = state_->engine(); engine != nullptr) {
+    const EngineStats stats = engine->Stats();
+    scheduler->set_num_running_requests(static_cast<uint32_t>(stats.num_running));
+    scheduler->set_num_waiting_requests(static_cast<uint32_t>(stats.num_queued));
+  }
   return FinishUnary(context, grpc::Status::OK);
 }
 

@@ -1,4 +1,5 @@
 """The real loraserve binary on ephemeral ports: health, reflection, UNIMPLEMENTED RPCs,
+Generate and GenerateStream,
 GetModelInfo on a checkpoint, /metrics (checked by promtool), loractl, flags and shutdown."""
 import json
 import os
@@ -88,13 +89,8 @@ def test_reflection_lists_both_services(server):
 
 
 def test_unbuilt_rpcs_are_unimplemented_with_a_reason(server):
-    inference = inference_pb2_grpc.InferenceStub(channel(server))
     admin = admin_pb2_grpc.AdminStub(channel(server))
     calls = {
-        "Generate": lambda: inference.Generate(
-            inference_pb2.GenerateRequest(text="hello"), timeout=10),
-        "GenerateStream": lambda: list(inference.GenerateStream(
-            inference_pb2.GenerateRequest(text="hello"), timeout=10)),
         "LoadAdapter": lambda: admin.LoadAdapter(
             admin_pb2.LoadAdapterRequest(adapter_id="a"), timeout=10),
         "UploadAdapter": lambda: admin.UploadAdapter(
@@ -451,3 +447,136 @@ def test_tokenizer_larger_than_the_model_refuses_to_start(tmp_path, model_dir):
                           timeout=60)
     assert proc.returncode == 1
     assert "tokenizer.json has 1256 tokens but the model's vocab_size is 256" in proc.stderr
+
+
+# ---- Generate / GenerateStream -----------------------------------------------------------------
+
+def greedy(max_tokens=8, **kwargs):
+    return inference_pb2.GenerateRequest(
+        sampling=inference_pb2.SamplingParams(temperature=0.0),
+        stopping=inference_pb2.StoppingCriteria(max_new_tokens=max_tokens, ignore_eos=True),
+        output=inference_pb2.OutputOptions(return_token_ids=True), **kwargs)
+
+
+def test_generate_greedy_is_deterministic_and_matches_token_ids(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    first, call = stub.Generate.with_call(greedy(text="Hello world", request_id="r-1"),
+                                          timeout=30)
+    assert dict(call.initial_metadata())["x-request-id"] == "r-1"
+    assert first.request_id == "r-1"
+    assert len(first.token_ids) == 8
+    assert first.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert first.usage.completion_tokens == 8
+    assert first.adapter.id == "" and first.adapter.version == ""
+    second = stub.Generate(greedy(text="Hello world"), timeout=30)
+    assert second.request_id and second.request_id != "r-1"
+    assert (second.text, list(second.token_ids)) == (first.text, list(first.token_ids))
+    ids = stub.Tokenize(inference_pb2.TokenizeRequest(text="Hello world"), timeout=10).token_ids
+    assert first.usage.prompt_tokens == len(ids)
+    by_ids = stub.Generate(greedy(token_ids=inference_pb2.TokenIds(ids=ids)), timeout=30)
+    assert (by_ids.text, list(by_ids.token_ids)) == (first.text, list(first.token_ids))
+    decoded = stub.Detokenize(inference_pb2.DetokenizeRequest(token_ids=first.token_ids),
+                              timeout=10).text
+    assert first.text == decoded
+
+
+def test_generate_stream_matches_unary(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    unary = stub.Generate(greedy(text="Hello world"), timeout=30)
+    chunks = list(stub.GenerateStream(greedy(text="Hello world", request_id="s-1"), timeout=30))
+    header, deltas, final = chunks[0], chunks[1:-1], chunks[-1]
+    assert header.request_id == "s-1" and header.usage.prompt_tokens == unary.usage.prompt_tokens
+    assert header.text == "" and not header.token_ids
+    assert header.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED
+    assert all(c.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED for c in deltas)
+    assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert final.usage.completion_tokens == 8
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert all(c.request_id == "s-1" for c in chunks)
+
+
+def test_generate_errors(sp_server, server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    bad = [
+        inference_pb2.GenerateRequest(
+            text="x", sampling=inference_pb2.SamplingParams(top_p=1.5)),
+        inference_pb2.GenerateRequest(text="x", sampling=inference_pb2.SamplingParams(
+            temperature=float("nan"))),
+        inference_pb2.GenerateRequest(text="x",
+                                      stopping=inference_pb2.StoppingCriteria(max_new_tokens=0)),
+        inference_pb2.GenerateRequest(text="x",
+                                      stopping=inference_pb2.StoppingCriteria(max_new_tokens=1000)),
+        inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[5, 99999])),
+        inference_pb2.GenerateRequest(),
+        inference_pb2.GenerateRequest(text="x", request_id="bad id!"),
+    ]
+    for request in bad:
+        for call in (lambda r: stub.Generate(r, timeout=10),
+                     lambda r: list(stub.GenerateStream(r, timeout=10))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+    for call in (lambda r: stub.Generate(r, timeout=10),
+                 lambda r: list(stub.GenerateStream(r, timeout=10))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(greedy(text="x", adapter_id="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "nope" in err.value.details()
+    # No tokenizer: text prompts fail the precondition, token ids work.
+    plain = inference_pb2_grpc.InferenceStub(channel(server))
+    with pytest.raises(grpc.RpcError) as err:
+        plain.Generate(greedy(text="x"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    out = plain.Generate(greedy(token_ids=inference_pb2.TokenIds(ids=[1, 5, 9])), timeout=30)
+    assert len(out.token_ids) == 8 and out.text == ""
+
+
+def test_generate_with_adapter(tmp_path, server_factory, model_dir):
+    root = tmp_path / "adapters"
+    shutil.copytree(os.path.join(model_dir, "adapters", "attn_r4"), root / "attn_r4")
+    srv = server_factory(f"--model={model_dir}", f"--adapter_root={root}",
+                         "--adapter_pool_bytes=8388608", "--adapter_page_bytes=65536",
+                         "--max_lora_rank=64", "--kv_cache_bytes=4194304", "--threads=1")
+    stub = inference_pb2_grpc.InferenceStub(channel(srv))
+    prompt = inference_pb2.TokenIds(ids=[1, 17, 42, 99, 7, 3])
+    base = stub.Generate(greedy(max_tokens=16, token_ids=prompt), timeout=30)
+    lora = stub.Generate(greedy(max_tokens=16, token_ids=prompt, adapter_id="attn_r4"),
+                         timeout=30)
+    assert lora.adapter.id == "attn_r4"
+    assert len(lora.adapter.version) == 64
+    assert list(lora.token_ids) != list(base.token_ids)
+    chunks = list(stub.GenerateStream(greedy(max_tokens=16, token_ids=prompt,
+                                             adapter_id="attn_r4"), timeout=30))
+    assert chunks[0].adapter.id == "attn_r4" and chunks[0].adapter.version == lora.adapter.version
+    assert [t for c in chunks for t in c.token_ids] == list(lora.token_ids)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(greedy(token_ids=prompt, adapter_id="missing"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_generate_concurrent_and_cancelled_stream(sp_server):
+    stub = inference_pb2_grpc.InferenceStub(channel(sp_server))
+    expected = stub.Generate(greedy(max_tokens=12, text="Hello world"), timeout=30)
+    # A long stream cancelled after its first token chunk.
+    stream = stub.GenerateStream(greedy(max_tokens=200, text="Once upon a time"), timeout=60)
+    header = next(stream)
+    assert header.usage.prompt_tokens > 0
+    next(stream)
+    futures = [stub.Generate.future(greedy(max_tokens=12, text="Hello world"), timeout=60)
+               for _ in range(16)]
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    for f in futures:
+        r = f.result()
+        assert list(r.token_ids) == list(expected.token_ids)
+        assert r.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
+        if info.scheduler.num_running_requests == 0 and info.kv_cache.used_blocks == 0:
+            break
+        time.sleep(0.05)
+    assert info.scheduler.num_running_requests == 0 and info.kv_cache.used_blocks == 0

@@ -81,6 +81,9 @@ TEST(ServerOptions, ValidateNamesTheFlag) {
   o = ServerOptions();
   o.max_loras_per_step = 0;
   EXPECT_THAT(o.Validate().message(), HasSubstr("--max_loras_per_step=0"));
+  o = ServerOptions();
+  o.max_queued_requests = 0;
+  EXPECT_THAT(o.Validate().message(), HasSubstr("--max_queued_requests=0"));
 }
 
 TEST(ServerOptions, ToStringListsEveryField) {
@@ -90,7 +93,8 @@ TEST(ServerOptions, ToStringListsEveryField) {
         "max_model_len=", "kv_cache_bytes=", "kv_block_tokens=", "threads=", "weights_dtype=",
         "max_step_tokens=", "drain_timeout=", "max_receive_message_bytes=", "adapter_root=",
         "max_lora_rank=", "adapter_pool_bytes=", "adapter_page_bytes=",
-        "adapter_host_cache_bytes=", "adapter_wait_timeout=", "max_loras_per_step="}) {
+        "adapter_host_cache_bytes=", "adapter_wait_timeout=", "max_loras_per_step=",
+        "max_queued_requests="}) {
     EXPECT_THAT(s, HasSubstr(field));
   }
 }
