@@ -30,8 +30,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "bench/bench_util.h"
 #include "absl/types/span.h"
+#include "bench/bench_util.h"
 #include "common/dtype.h"
 #include "common/huge_buffer.h"
 #include "common/logging.h"
@@ -185,8 +185,8 @@ int Main() {
   // nothing else in between (best of `steps` passes).
   auto best_matmuls_only = [&]() {
     const int64_t widest = std::max<int64_t>(c.vocab_size, 2 * c.intermediate_size);
-    std::vector<float> x(static_cast<size_t>(std::max<int64_t>(c.hidden_size,
-                                                               c.intermediate_size)), 0.5f);
+    std::vector<float> x(static_cast<size_t>(std::max<int64_t>(c.hidden_size, c.intermediate_size)),
+                         0.5f);
     std::vector<float> y(static_cast<size_t>(widest));
     Backend& be = **backend;
     double best = 1e30;

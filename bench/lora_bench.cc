@@ -110,7 +110,6 @@ class Bf16Arena {
   size_t used_ = 0;
 };
 
-
 std::string LoadAverage() {
   std::ifstream in("/proc/loadavg");
   std::string one, five, fifteen;

@@ -181,7 +181,8 @@ int Main() {
   kv.head_dim = c.head_dim;
   kv.block_tokens = 16;
   const int64_t tokens_per_seq = bo.max_context;
-  kv.cache_bytes = KvCache::BlockBytes(kv) * static_cast<uint64_t>(32 * ((tokens_per_seq + 15) / 16));
+  kv.cache_bytes =
+      KvCache::BlockBytes(kv) * static_cast<uint64_t>(32 * ((tokens_per_seq + 15) / 16));
   auto cache = KvCache::Create(kv);
   LS_CHECK(cache.ok()) << cache.status();
   // Random K/V stand in for 512 prefilled tokens: attention costs the same whatever the values.
@@ -205,11 +206,9 @@ int Main() {
   weight_params += int64_t{c.vocab_size} * c.hidden_size;
   const int64_t adapter_params = adapters[0]->report().num_parameters;
 
-  const double bandwidth = bench::MeasureReadBandwidth((*backend)->threads(),
-                                                       (*backend)->isa() == Isa::kAvx512
-                                                           ? Isa::kAvx512
-                                                           : Isa::kAvx2,
-                                                       bench::BandwidthBufferBytes());
+  const double bandwidth = bench::MeasureReadBandwidth(
+      (*backend)->threads(), (*backend)->isa() == Isa::kAvx512 ? Isa::kAvx512 : Isa::kAvx2,
+      bench::BandwidthBufferBytes());
   const double gemm_rate = MeasureGemmRate(**backend, (*weights)->layers()[0].gate_up);
   std::fprintf(stderr, "read bandwidth %.2f GB/s, GEMM rate %.1f GFLOP/s\n", bandwidth / 1e9,
                gemm_rate / 1e9);
@@ -266,8 +265,8 @@ int Main() {
     const double kv_bytes = static_cast<double>(b) * context * KvCache::BlockBytes(kv) / 16;
     const double base_bytes = static_cast<double>(weight_bytes) + kv_bytes;
     const double lora_bytes = base_bytes + static_cast<double>(distinct) * adapter_bytes;
-    const double attn_flops = 4.0 * b * context * c.num_attention_heads * c.head_dim *
-                              c.num_hidden_layers;
+    const double attn_flops =
+        4.0 * b * context * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
     const double base_flops = 2.0 * b * weight_params + attn_flops;
     const double lora_flops = base_flops + 2.0 * b * adapter_params;
     auto roof = [&](double bytes, double flops) {

@@ -149,7 +149,8 @@ int main(int argc, char** argv) {
     }
     best_ids = std::min(best_ids, Seconds(Clock::now() - start));
   }
-  if (sink != static_cast<size_t>(iters) * 3 * tokens) return Fail("token counts vary between passes");
+  if (sink != static_cast<size_t>(iters) * 3 * tokens)
+    return Fail("token counts vary between passes");
 
   const double mb = static_cast<double>(doc_bytes_total) / 1e6;
   std::printf(

@@ -62,17 +62,17 @@ absl::Status LlamaModel::PlanLora(const ForwardBatch& batch) {
   if (batch.row_adapters.empty()) return absl::OkStatus();
   const int64_t m = static_cast<int64_t>(batch.token_ids.size());
   if (static_cast<int64_t>(batch.row_adapters.size()) != m) {
-    return absl::InvalidArgumentError(absl::StrCat("Forward: ", batch.row_adapters.size(),
-                                                   " row adapters for ", m, " rows"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Forward: ", batch.row_adapters.size(), " row adapters for ", m, " rows"));
   }
   bool any = false;
   for (const LoraGroupTable* table : batch.row_adapters) {
     if (table == nullptr) continue;
     any = true;
     if (table->num_layers() != config_->num_hidden_layers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Forward: an adapter has ", table->num_layers(), " layers, the model ",
-                       config_->num_hidden_layers));
+      return absl::InvalidArgumentError(absl::StrCat("Forward: an adapter has ",
+                                                     table->num_layers(), " layers, the model ",
+                                                     config_->num_hidden_layers));
     }
   }
   if (!any) return absl::OkStatus();
@@ -93,9 +93,8 @@ absl::Status LlamaModel::PlanLora(const ForwardBatch& batch) {
     return count;
   };
   num_row_runs_ = build([&](int64_t i) { return batch.row_adapters[i]; }, m, row_runs_);
-  num_logit_runs_ = build(
-      [&](int64_t j) { return batch.row_adapters[batch.logits_rows[j]]; },
-      static_cast<int64_t>(batch.logits_rows.size()), logit_runs_);
+  num_logit_runs_ = build([&](int64_t j) { return batch.row_adapters[batch.logits_rows[j]]; },
+                          static_cast<int64_t>(batch.logits_rows.size()), logit_runs_);
   return absl::OkStatus();
 }
 
@@ -182,13 +181,12 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, const KvCache& cache
   };
 
   LS_RETURN_IF_ERROR(backend_->Embedding(batch.token_ids.data(), m, weights_->embed(), hidden, h));
-  if (const int n = FillSegments(row_runs_, num_row_runs_,
-                                 [](const LoraGroupTable& t) -> const LoraGroup& {
-                                   return t.embed();
-                                 });
+  if (const int n =
+          FillSegments(row_runs_, num_row_runs_,
+                       [](const LoraGroupTable& t) -> const LoraGroup& { return t.embed(); });
       n > 0) {
-    LS_RETURN_IF_ERROR(backend_->LoraEmbedding(batch.token_ids.data(), segments_.data(), n,
-                                               scratch, lora_ld_, hidden, h));
+    LS_RETURN_IF_ERROR(backend_->LoraEmbedding(batch.token_ids.data(), segments_.data(), n, scratch,
+                                               lora_ld_, hidden, h));
   }
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = weights_->layers()[static_cast<size_t>(l)];
@@ -231,10 +229,9 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, const KvCache& cache
                                        c.rms_norm_eps, normed));
   LS_RETURN_IF_ERROR(backend_->MatMul(normed, n_logits, h, weights_->lm_head(), nullptr, logits,
                                       c.vocab_size, /*accumulate=*/false));
-  const int n = FillSegments(logit_runs_, num_logit_runs_,
-                             [](const LoraGroupTable& t) -> const LoraGroup& {
-                               return t.lm_head();
-                             });
+  const int n =
+      FillSegments(logit_runs_, num_logit_runs_,
+                   [](const LoraGroupTable& t) -> const LoraGroup& { return t.lm_head(); });
   if (n == 0) return absl::OkStatus();
   return backend_->LoraLinear(normed, h, segments_.data(), n, scratch, lora_ld_, logits,
                               c.vocab_size);

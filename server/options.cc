@@ -142,8 +142,8 @@ absl::Status ServerOptions::Validate() const {
   }
   if (adapter_page_bytes < 256 || adapter_page_bytes % 256 != 0 ||
       adapter_page_bytes > (uint64_t{1} << 30)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--adapter_page_bytes=", adapter_page_bytes, ": must be a multiple of 256 up to 2^30"));
+    return absl::InvalidArgumentError(absl::StrCat("--adapter_page_bytes=", adapter_page_bytes,
+                                                   ": must be a multiple of 256 up to 2^30"));
   }
   if (adapter_pool_bytes < adapter_page_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("--adapter_pool_bytes=", adapter_pool_bytes,
@@ -159,8 +159,8 @@ absl::Status ServerOptions::Validate() const {
         absl::StrCat("--max_loras_per_step=", max_loras_per_step, ": must be in [1, 4096]"));
   }
   if (max_queued_requests < 1 || max_queued_requests > (int64_t{1} << 20)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--max_queued_requests=", max_queued_requests, ": must be in [1, 2^20]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_queued_requests=", max_queued_requests, ": must be in [1, 2^20]"));
   }
   return absl::OkStatus();
 }

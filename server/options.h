@@ -43,13 +43,13 @@ struct ServerOptions {
   int64_t max_receive_message_bytes = 4 << 20;
   // Adapters (docs/adapters.md). An empty root serves the base model only.
   std::string adapter_root;
-  int32_t max_lora_rank = 256;                      // per module; larger adapters are refused
-  uint64_t adapter_pool_bytes = 1ull << 30;         // the resident pool
-  uint64_t adapter_page_bytes = 256ull << 10;       // its page size
-  uint64_t adapter_host_cache_bytes = 2ull << 30;   // loaded adapters kept in host memory
+  int32_t max_lora_rank = 256;                     // per module; larger adapters are refused
+  uint64_t adapter_pool_bytes = 1ull << 30;        // the resident pool
+  uint64_t adapter_page_bytes = 256ull << 10;      // its page size
+  uint64_t adapter_host_cache_bytes = 2ull << 30;  // loaded adapters kept in host memory
   absl::Duration adapter_wait_timeout = absl::Seconds(30);  // waiting for pool room, at most
-  int max_loras_per_step = 32;                      // distinct adapters in one step
-  int64_t max_queued_requests = 1024;               // submitted, not yet running
+  int max_loras_per_step = 32;                              // distinct adapters in one step
+  int64_t max_queued_requests = 1024;                       // submitted, not yet running
 
   // Checks every field; the message names the flag and the bad value.
   absl::Status Validate() const;

@@ -38,9 +38,9 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
     // Every id the tokenizer can produce must have an embedding row (models often pad their
     // vocabulary beyond the tokenizer's, never the other way round).
     if ((*tokenizer)->vocab_size() > m->config.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          flag, ": tokenizer.json has ", (*tokenizer)->vocab_size(),
-          " tokens but the model's vocab_size is ", m->config.vocab_size));
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": tokenizer.json has ", (*tokenizer)->vocab_size(),
+                       " tokens but the model's vocab_size is ", m->config.vocab_size));
     }
     m->tokenizer = std::move(*tokenizer);
   } else {
@@ -68,10 +68,9 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
   kv.cache_bytes = options.kv_cache_bytes;
   LS_ASSIGN_OR_RETURN(m->kv_cache, KvCache::Create(kv));
   const bool adapters = !options.adapter_root.empty();
-  LS_ASSIGN_OR_RETURN(m->model,
-                      LlamaModel::Create(&m->config, m->weights.get(), m->backend.get(),
-                                         options.max_step_tokens,
-                                         adapters ? options.max_lora_rank : 0));
+  LS_ASSIGN_OR_RETURN(
+      m->model, LlamaModel::Create(&m->config, m->weights.get(), m->backend.get(),
+                                   options.max_step_tokens, adapters ? options.max_lora_rank : 0));
   if (adapters) {
     auto store = AdapterStore::Open(options.adapter_root);
     if (!store.ok()) return WithFlag(store.status(), "--adapter_root");
@@ -82,8 +81,7 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
     ro.wait_timeout = options.adapter_wait_timeout;
     ro.max_lora_rank = options.max_lora_rank;
     ro.dtype = options.weights_dtype;
-    auto registry =
-        AdapterRegistry::Create(std::move(*store), m->config, m->weights.get(), ro);
+    auto registry = AdapterRegistry::Create(std::move(*store), m->config, m->weights.get(), ro);
     if (!registry.ok()) return WithFlag(registry.status(), "--adapter_root");
     m->adapters = std::move(*registry);
   }
@@ -92,8 +90,7 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
   eo.max_loras_per_step = options.max_loras_per_step;
   eo.max_model_len = m->config.max_model_len;
   eo.max_queued_requests = static_cast<int32_t>(options.max_queued_requests);
-  auto engine = Engine::Create(eo, m->model.get(), m->kv_cache.get(), m->config,
-                               m->adapters.get(),
+  auto engine = Engine::Create(eo, m->model.get(), m->kv_cache.get(), m->config, m->adapters.get(),
                                m->tokenizer != nullptr ? &m->tokenizer->detokenizer() : nullptr);
   if (!engine.ok()) return WithFlag(engine.status(), "--max_step_tokens");
   m->engine = std::move(*engine);

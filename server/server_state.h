@@ -20,8 +20,8 @@
 #include "model/weights.h"
 #include "server/adapters/registry.h"
 #include "server/engine/engine.h"
-#include "tokenizer/tokenizer.h"
 #include "server/options.h"
+#include "tokenizer/tokenizer.h"
 
 namespace ls {
 

@@ -29,9 +29,9 @@ struct EncodeOptions {
 
 struct Encoding {
   std::vector<int32_t> ids;
-  std::vector<std::string> tokens;                   // token strings, as HF Encoding.tokens
+  std::vector<std::string> tokens;                     // token strings, as HF Encoding.tokens
   std::vector<std::pair<uint32_t, uint32_t>> offsets;  // [start, end) UTF-8 byte offsets
-  std::vector<uint8_t> special_tokens_mask;          // 1 for tokens the post-processor added
+  std::vector<uint8_t> special_tokens_mask;            // 1 for tokens the post-processor added
 };
 
 class Tokenizer {

@@ -11,12 +11,18 @@ namespace ls {
 
 absl::string_view EngineFinishReasonName(EngineFinishReason reason) {
   switch (reason) {
-    case EngineFinishReason::kLength: return "length";
-    case EngineFinishReason::kEos: return "eos";
-    case EngineFinishReason::kStop: return "stop";
-    case EngineFinishReason::kCancelled: return "cancelled";
-    case EngineFinishReason::kDeadline: return "deadline";
-    case EngineFinishReason::kError: return "error";
+    case EngineFinishReason::kLength:
+      return "length";
+    case EngineFinishReason::kEos:
+      return "eos";
+    case EngineFinishReason::kStop:
+      return "stop";
+    case EngineFinishReason::kCancelled:
+      return "cancelled";
+    case EngineFinishReason::kDeadline:
+      return "deadline";
+    case EngineFinishReason::kError:
+      return "error";
   }
   return "unknown";
 }
@@ -26,8 +32,8 @@ absl::string_view EngineFinishReasonName(EngineFinishReason reason) {
 // context), then owned by the engine thread.
 struct Engine::Live {
   RequestId id = 0;
-  EngineRequest request;               // prompt_token_ids moved into `tokens`
-  std::vector<int32_t> tokens;         // the context: prompt, then generated tokens
+  EngineRequest request;        // prompt_token_ids moved into `tokens`
+  std::vector<int32_t> tokens;  // the context: prompt, then generated tokens
   int32_t prompt_len = 0;
   std::unique_ptr<SequenceSampler> sampler;
   std::optional<TextStreamer> streamer;  // only with a Detokenizer
@@ -51,8 +57,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         absl::StrCat("max_step_tokens must be in [1, ", model->max_batch_rows(),
                      "] (the model's batch rows), found ", options.max_step_tokens));
   }
-  if (options.max_queued_requests <= 0 || options.max_model_len <= 0 ||
-      options.max_running < 0 || options.max_loras_per_step <= 0) {
+  if (options.max_queued_requests <= 0 || options.max_model_len <= 0 || options.max_running < 0 ||
+      options.max_loras_per_step <= 0) {
     return absl::InvalidArgumentError(
         "max_queued_requests, max_model_len and max_loras_per_step must be positive and "
         "max_running must not be negative");
@@ -65,13 +71,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   sc.max_model_len = options.max_model_len;
   sc.max_running = options.max_running;
   LS_ASSIGN_OR_RETURN(std::unique_ptr<Scheduler> scheduler, Scheduler::Create(sc));
-  return std::unique_ptr<Engine>(new Engine(options, model, cache, config, registry, detokenizer,
-                                            std::move(scheduler)));
+  return std::unique_ptr<Engine>(
+      new Engine(options, model, cache, config, registry, detokenizer, std::move(scheduler)));
 }
 
 Engine::Engine(const EngineOptions& options, LlamaModel* model, KvCache* cache,
-               const ModelConfig& config, AdapterRegistry* registry,
-               const Detokenizer* detokenizer, std::unique_ptr<Scheduler> scheduler)
+               const ModelConfig& config, AdapterRegistry* registry, const Detokenizer* detokenizer,
+               std::unique_ptr<Scheduler> scheduler)
     : options_(options),
       model_(model),
       cache_(cache),
@@ -164,12 +170,11 @@ absl::Status Engine::Submit(EngineRequest request, std::shared_ptr<RequestSink> 
   }
   auto live = std::make_unique<Live>();
   // Validates the sampling parameters and the prompt ids against the vocabulary.
-  LS_ASSIGN_OR_RETURN(live->sampler,
-                      SequenceSampler::Create(request.sampling, prompt, vocab_));
+  LS_ASSIGN_OR_RETURN(live->sampler, SequenceSampler::Create(request.sampling, prompt, vocab_));
   if (detokenizer_ != nullptr) {
-    LS_ASSIGN_OR_RETURN(TextStreamer streamer,
-                        TextStreamer::Create(*detokenizer_, request.skip_special_tokens,
-                                             request.stop_strings));
+    LS_ASSIGN_OR_RETURN(
+        TextStreamer streamer,
+        TextStreamer::Create(*detokenizer_, request.skip_special_tokens, request.stop_strings));
     live->streamer.emplace(std::move(streamer));
   }
   live->prompt_len = static_cast<int32_t>(prompt.size());
@@ -181,8 +186,8 @@ absl::Status Engine::Submit(EngineRequest request, std::shared_ptr<RequestSink> 
   MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("engine is stopping");
   if (num_queued_ >= options_.max_queued_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "request queue full (", options_.max_queued_requests, " requests waiting)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request queue full (", options_.max_queued_requests, " requests waiting)"));
   }
   ++num_queued_;
   submitted_.push_back(std::move(live));
@@ -292,8 +297,8 @@ void Engine::UpdateResidency() {
   for (RequestId id : scratch_ids_) {
     // Ask again for the status (the failed state is sticky); cheap, and only on failure.
     Live& live = *live_.at(id);
-    absl::StatusOr<bool> ready = registry_->TryMakeResident(live.request.adapter,
-                                                            live.request.deadline);
+    absl::StatusOr<bool> ready =
+        registry_->TryMakeResident(live.request.adapter, live.request.deadline);
     Finish(id, EngineFinishReason::kError,
            ready.ok() ? absl::InternalError("adapter residency failed") : ready.status(), true);
   }
@@ -336,8 +341,8 @@ bool Engine::Step() {
     Live& live = *live_.at(seq.id);
     const absl::Status allocated = cache_->Allocate(seq.num_new_blocks, &live.table);
     if (!allocated.ok()) {
-      FailAll(absl::InternalError(absl::StrCat("KV allocation disagrees with the plan: ",
-                                               allocated.message())));
+      FailAll(absl::InternalError(
+          absl::StrCat("KV allocation disagrees with the plan: ", allocated.message())));
       return true;
     }
     stride = std::max(stride, live.table.size());
@@ -458,8 +463,8 @@ void Engine::Finish(RequestId id, EngineFinishReason reason, absl::Status status
       reason != EngineFinishReason::kError) {
     StreamChunk chunk = live->streamer->Finish();
     if (!chunk.text.empty()) live->sink->OnTokens({}, chunk.text);
-    if (chunk.stopped && (reason == EngineFinishReason::kEos ||
-                          reason == EngineFinishReason::kLength)) {
+    if (chunk.stopped &&
+        (reason == EngineFinishReason::kEos || reason == EngineFinishReason::kLength)) {
       reason = EngineFinishReason::kStop;
       live->stop_string_index = chunk.stop_index;
     }
@@ -468,8 +473,7 @@ void Engine::Finish(RequestId id, EngineFinishReason reason, absl::Status status
   result.reason = reason;
   result.status = std::move(status);
   result.usage.prompt_tokens = live->prompt_len;
-  result.usage.completion_tokens =
-      static_cast<int32_t>(live->tokens.size()) - live->prompt_len;
+  result.usage.completion_tokens = static_cast<int32_t>(live->tokens.size()) - live->prompt_len;
   result.usage.num_preemptions = live->num_preemptions;
   result.stop_string_index = live->stop_string_index;
   result.adapter_id = live->request.adapter.id();

@@ -54,10 +54,10 @@
 namespace ls {
 
 struct EngineOptions {
-  int32_t max_step_tokens = 2048;    // --max_step_tokens; <= the model's max_batch_rows.
-  int32_t max_loras_per_step = 8;    // --max_loras_per_step
-  int32_t max_model_len = 4096;      // --max_model_len: prompt + max new tokens.
-  int32_t max_running = 0;           // 0: max_step_tokens (SchedulerConfig::max_running).
+  int32_t max_step_tokens = 2048;      // --max_step_tokens; <= the model's max_batch_rows.
+  int32_t max_loras_per_step = 8;      // --max_loras_per_step
+  int32_t max_model_len = 4096;        // --max_model_len: prompt + max new tokens.
+  int32_t max_running = 0;             // 0: max_step_tokens (SchedulerConfig::max_running).
   int32_t max_queued_requests = 1024;  // --max_queued_requests: submitted, not yet running.
   // How long the engine thread sleeps when requests are in flight but none can run (their
   // adapters are loading); a Submit or Stop wakes it earlier.
@@ -86,8 +86,8 @@ struct EngineResult {
   // OK for kLength, kEos, kStop; CANCELLED, DEADLINE_EXCEEDED, or the error otherwise.
   absl::Status status;
   EngineUsage usage;
-  int stop_string_index = -1;  // kStop by a stop string: its index in the request's list.
-  std::string adapter_id;      // "" for the base model.
+  int stop_string_index = -1;   // kStop by a stop string: its index in the request's list.
+  std::string adapter_id;       // "" for the base model.
   std::string adapter_version;  // empty for the base model or when never resident.
 };
 
@@ -164,8 +164,8 @@ class Engine {
  private:
   struct Live;
 
-  Engine(const EngineOptions& options, LlamaModel* model, KvCache* cache,
-         const ModelConfig& config, AdapterRegistry* registry, const Detokenizer* detokenizer,
+  Engine(const EngineOptions& options, LlamaModel* model, KvCache* cache, const ModelConfig& config,
+         AdapterRegistry* registry, const Detokenizer* detokenizer,
          std::unique_ptr<Scheduler> scheduler);
 
   void Run();

@@ -19,8 +19,8 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const SchedulerConf
     return absl::InvalidArgumentError(absl::StrCat(
         "scheduler sizes must be positive: num_kv_blocks=", config.num_kv_blocks,
         " kv_block_size=", config.kv_block_size, " max_step_tokens=", config.max_step_tokens,
-        " max_loras_per_step=", config.max_loras_per_step,
-        " max_model_len=", config.max_model_len, " max_running=", config.max_running));
+        " max_loras_per_step=", config.max_loras_per_step, " max_model_len=", config.max_model_len,
+        " max_running=", config.max_running));
   }
   return std::unique_ptr<Scheduler>(new Scheduler(config));
 }
@@ -44,16 +44,15 @@ absl::Status Scheduler::Add(const NewRequest& request) {
   }
   const int64_t total = int64_t{request.prompt_len} + request.max_new_tokens;
   if (total > config_.max_model_len) {
-    return absl::InvalidArgumentError(absl::StrCat("request ", request.id, ": prompt (",
-                                                   request.prompt_len, ") + max new tokens (",
-                                                   request.max_new_tokens, ") exceeds max_model_len ",
-                                                   config_.max_model_len));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request ", request.id, ": prompt (", request.prompt_len, ") + max new tokens (",
+        request.max_new_tokens, ") exceeds max_model_len ", config_.max_model_len));
   }
   // The last sampled token is never fed, so the KV holds at most total - 1 tokens.
   if (BlocksFor(total - 1) > config_.num_kv_blocks) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "request ", request.id, ": needs ", BlocksFor(total - 1), " KV blocks, the pool has ",
-        config_.num_kv_blocks));
+    return absl::InvalidArgumentError(
+        absl::StrCat("request ", request.id, ": needs ", BlocksFor(total - 1),
+                     " KV blocks, the pool has ", config_.num_kv_blocks));
   }
   if (requests_.contains(request.id)) {
     return absl::AlreadyExistsError(absl::StrCat("request ", request.id, " is already queued"));
@@ -73,9 +72,9 @@ absl::Status Scheduler::Add(const NewRequest& request) {
 void Scheduler::EnqueueWaiting(const RequestView& r) {
   std::deque<RequestId>& q = waiting_[r.adapter_key];
   // Preempted requests go back in arrival order (usually the front).
-  auto pos = std::upper_bound(q.begin(), q.end(), r.arrival, [this](uint64_t arrival, RequestId id) {
-    return arrival < requests_.at(id).arrival;
-  });
+  auto pos = std::upper_bound(
+      q.begin(), q.end(), r.arrival,
+      [this](uint64_t arrival, RequestId id) { return arrival < requests_.at(id).arrival; });
   q.insert(pos, r.id);
   ++num_waiting_;
 }
@@ -196,8 +195,9 @@ const StepPlan& Scheduler::Schedule(absl::FunctionRef<bool(AdapterKey)> is_resid
     Emit(r, static_cast<int32_t>(std::min<int64_t>({ToFeed(r), budget, fit})));
   }
 
-  // 3. Admission from leftover rows and blocks, never by preempting: round robin over adapter keys, one request (the
-  // oldest of its key) per key per round, starting after the key admitted from last.
+  // 3. Admission from leftover rows and blocks, never by preempting: round robin over adapter keys,
+  // one request (the oldest of its key) per key per round, starting after the key admitted from
+  // last.
   for (auto it = active_since_.begin(); it != active_since_.end();) {
     const bool active = std::any_of(running_.begin(), running_.end(), [&](RequestId id) {
       return requests_.at(id).adapter_key == it->first;
@@ -223,13 +223,13 @@ const StepPlan& Scheduler::Schedule(absl::FunctionRef<bool(AdapterKey)> is_resid
   bool has_draining = false;
   AdapterKey draining = 0;
   if (active_since_.size() >= cap) {
-    const bool shut_out = std::any_of(scratch_keys_.begin(), scratch_keys_.end(), [&](AdapterKey k) {
-      return k != kBaseAdapterKey && active_since_.count(k) == 0;
-    });
+    const bool shut_out = std::any_of(
+        scratch_keys_.begin(), scratch_keys_.end(),
+        [&](AdapterKey k) { return k != kBaseAdapterKey && active_since_.count(k) == 0; });
     if (shut_out) {
-      auto oldest = std::min_element(
-          active_since_.begin(), active_since_.end(),
-          [](const auto& a, const auto& b) { return a.second < b.second; });
+      auto oldest =
+          std::min_element(active_since_.begin(), active_since_.end(),
+                           [](const auto& a, const auto& b) { return a.second < b.second; });
       has_draining = true;
       draining = oldest->first;
     }

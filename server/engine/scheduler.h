@@ -40,11 +40,11 @@ using AdapterKey = uint64_t;
 inline constexpr AdapterKey kBaseAdapterKey = 0;
 
 struct SchedulerConfig {
-  int32_t num_kv_blocks = 0;        // Blocks in the KV pool.
-  int32_t kv_block_size = 16;       // Tokens per block.
-  int32_t max_step_tokens = 2048;   // --max_step_tokens: rows (tokens) per step.
-  int32_t max_loras_per_step = 8;   // --max_loras_per_step: distinct non-base adapters per step.
-  int32_t max_model_len = 4096;     // --max_model_len: prompt + max new tokens.
+  int32_t num_kv_blocks = 0;       // Blocks in the KV pool.
+  int32_t kv_block_size = 16;      // Tokens per block.
+  int32_t max_step_tokens = 2048;  // --max_step_tokens: rows (tokens) per step.
+  int32_t max_loras_per_step = 8;  // --max_loras_per_step: distinct non-base adapters per step.
+  int32_t max_model_len = 4096;    // --max_model_len: prompt + max new tokens.
   // Requests running at once; 0 means max_step_tokens (so every decode row always fits).
   int32_t max_running = 0;
 };

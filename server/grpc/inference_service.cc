@@ -176,15 +176,15 @@ int32_t ToTokenId(uint32_t id) {
 
 absl::Status ValidateRequestId(absl::string_view id) {
   if (id.size() > kMaxRequestIdChars) {
-    return absl::InvalidArgumentError(absl::StrCat("request_id has ", id.size(),
-                                                   " characters; at most ", kMaxRequestIdChars));
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id has ", id.size(), " characters; at most ", kMaxRequestIdChars));
   }
   for (char c : id) {
     const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
                     c == '.' || c == '_' || c == ':' || c == '-';
     if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "request_id \"", id, "\" has a character outside [A-Za-z0-9._:-]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("request_id \"", id, "\" has a character outside [A-Za-z0-9._:-]"));
     }
   }
   return absl::OkStatus();
@@ -203,9 +203,8 @@ struct PreparedGenerate {
 };
 
 absl::Status Unimplemented(absl::string_view field) {
-  return absl::UnimplementedError(
-      absl::StrCat(field, " is not implemented in loraserve ", kVersion,
-                   "; leave it at its default"));
+  return absl::UnimplementedError(absl::StrCat(field, " is not implemented in loraserve ", kVersion,
+                                               "; leave it at its default"));
 }
 
 // Everything Generate checks before Submit. `request_id` is set first (for x-request-id).
@@ -224,9 +223,9 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
   switch (request.prompt_case()) {
     case v1::GenerateRequest::kText: {
       if (m->tokenizer == nullptr) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "prompt.text needs a tokenizer, but the model folder ", m->path,
-            " has no tokenizer.json; send prompt.token_ids instead"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("prompt.text needs a tokenizer, but the model folder ", m->path,
+                         " has no tokenizer.json; send prompt.token_ids instead"));
       }
       if (request.text().size() > kMaxPromptTextBytes) {
         return absl::InvalidArgumentError(absl::StrCat("prompt.text is ", request.text().size(),
@@ -240,8 +239,7 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
       }
       auto ids = m->tokenizer->EncodeIds(request.text(), options);
       if (!ids.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("prompt.text: ", ids.status().message()));
+        return absl::InvalidArgumentError(absl::StrCat("prompt.text: ", ids.status().message()));
       }
       out->prompt_ids = std::move(*ids);
       break;
@@ -251,9 +249,9 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
       out->prompt_ids.reserve(static_cast<size_t>(ids.size()));
       for (int i = 0; i < ids.size(); ++i) {
         if (ids[i] >= static_cast<uint32_t>(vocab)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("prompt.token_ids.ids[", i, "] = ", ids[i],
-                           " is outside the vocabulary [0, ", vocab, ")"));
+          return absl::InvalidArgumentError(absl::StrCat("prompt.token_ids.ids[", i, "] = ", ids[i],
+                                                         " is outside the vocabulary [0, ", vocab,
+                                                         ")"));
         }
         out->prompt_ids.push_back(ToTokenId(ids[i]));
       }
@@ -267,9 +265,8 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
     return absl::InvalidArgumentError("the prompt is empty (0 tokens after tokenization)");
   }
   if (prompt_len >= max_model_len) {
-    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", prompt_len,
-                                                   " tokens; at most max_model_len - 1 = ",
-                                                   max_model_len - 1));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the prompt has ", prompt_len, " tokens; at most max_model_len - 1 = ", max_model_len - 1));
   }
 
   // Fields this version does not implement: refused, never ignored.
@@ -302,9 +299,8 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
   p.frequency_penalty = sp.frequency_penalty();
   p.seed = sp.has_seed() ? sp.seed() : RandomU64();
   if (static_cast<size_t>(sp.logit_bias_size()) > kMaxLogitBiasEntries) {
-    return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias has ",
-                                                   sp.logit_bias_size(), " entries; at most ",
-                                                   kMaxLogitBiasEntries));
+    return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias has ", sp.logit_bias_size(),
+                                                   " entries; at most ", kMaxLogitBiasEntries));
   }
   for (const v1::TokenBias& b : sp.logit_bias()) {
     p.logit_bias.push_back(TokenBias{ToTokenId(b.token_id()), b.bias()});
@@ -315,20 +311,19 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
       return absl::InvalidArgumentError("stopping.max_new_tokens must be >= 1, found 0");
     }
     if (static_cast<int64_t>(stopping.max_new_tokens()) > room) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt tokens + stopping.max_new_tokens = ", prompt_len, " + ",
-          stopping.max_new_tokens(), " exceeds max_model_len ", max_model_len));
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt tokens + stopping.max_new_tokens = ", prompt_len, " + ",
+                       stopping.max_new_tokens(), " exceeds max_model_len ", max_model_len));
     }
     p.max_new_tokens = stopping.max_new_tokens();
   } else {
-    p.max_new_tokens =
-        static_cast<uint32_t>(std::min<int64_t>(kDefaultMaxNewTokens, room));
+    p.max_new_tokens = static_cast<uint32_t>(std::min<int64_t>(kDefaultMaxNewTokens, room));
   }
   p.min_new_tokens = stopping.min_new_tokens();
   if (static_cast<size_t>(stopping.stop_token_ids_size()) > kMaxStopTokenIds) {
     return absl::InvalidArgumentError(absl::StrCat("stopping.stop_token_ids has ",
-                                                   stopping.stop_token_ids_size(),
-                                                   " ids; at most ", kMaxStopTokenIds));
+                                                   stopping.stop_token_ids_size(), " ids; at most ",
+                                                   kMaxStopTokenIds));
   }
   for (uint32_t id : stopping.stop_token_ids()) p.stop_token_ids.push_back(ToTokenId(id));
   p.ignore_eos = stopping.ignore_eos();
@@ -346,9 +341,9 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
                                                      kMaxStopStringBytes));
     }
     if (m->tokenizer == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "stopping.stop_strings need a tokenizer, but the model folder ", m->path,
-          " has no tokenizer.json"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("stopping.stop_strings need a tokenizer, but the model folder ", m->path,
+                       " has no tokenizer.json"));
     }
   }
   out->stop_strings.assign(stopping.stop_strings().begin(), stopping.stop_strings().end());
@@ -431,8 +426,7 @@ struct FinalTracker {
         if (result.stop_string_index >= 0 &&
             static_cast<size_t>(result.stop_string_index) < stop_strings.size()) {
           out->set_finish_reason(v1::FINISH_REASON_STOP_STRING);
-          out->set_matched_stop_string(
-              stop_strings[static_cast<size_t>(result.stop_string_index)]);
+          out->set_matched_stop_string(stop_strings[static_cast<size_t>(result.stop_string_index)]);
         } else {
           out->set_finish_reason(v1::FINISH_REASON_STOP_TOKEN);
           if (last_token >= 0) out->set_matched_stop_token_id(static_cast<uint32_t>(last_token));
@@ -444,9 +438,8 @@ struct FinalTracker {
         static_cast<uint32_t>(result.usage.completion_tokens));
     const absl::Time end = absl::Now();
     const double total = absl::ToDoubleSeconds(end - arrival);
-    const double ttft = first_token == absl::InfinitePast()
-                            ? total
-                            : absl::ToDoubleSeconds(first_token - arrival);
+    const double ttft =
+        first_token == absl::InfinitePast() ? total : absl::ToDoubleSeconds(first_token - arrival);
     v1::Timings* t = out->mutable_timings();
     t->set_time_to_first_token_seconds(ttft);
     t->set_total_seconds(total);
@@ -698,12 +691,11 @@ class StreamSink final : public RequestSink {
 };
 
 // Request id (validated or generated) and the x-request-id header.
-absl::Status SetRequestId(grpc::CallbackServerContext* context,
-                          const v1::GenerateRequest& request, PreparedGenerate* prepared) {
+absl::Status SetRequestId(grpc::CallbackServerContext* context, const v1::GenerateRequest& request,
+                          PreparedGenerate* prepared) {
   LS_RETURN_IF_ERROR(ValidateRequestId(request.request_id()));
-  prepared->request_id = request.request_id().empty()
-                             ? absl::StrFormat("req-%016x", RandomU64())
-                             : request.request_id();
+  prepared->request_id = request.request_id().empty() ? absl::StrFormat("req-%016x", RandomU64())
+                                                      : request.request_id();
   context->AddInitialMetadata("x-request-id", prepared->request_id);
   return absl::OkStatus();
 }
@@ -736,8 +728,8 @@ grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext
   }
   response->set_request_id(prepared.request_id);
   response->set_seed(prepared.engine.sampling.seed);
-  for (int32_t id : prepared.return_prompt_token_ids ? prepared.prompt_ids
-                                                     : std::vector<int32_t>()) {
+  for (int32_t id :
+       prepared.return_prompt_token_ids ? prepared.prompt_ids : std::vector<int32_t>()) {
     response->add_prompt_token_ids(static_cast<uint32_t>(id));
   }
   auto sink = std::make_shared<UnarySink>(reactor, response, prepared);
@@ -813,9 +805,9 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
   auto tokenizer = TokenizerFor("Tokenize");
   if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
   if (request->text().size() > kMaxTokenizeTextBytes) {
-    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-                                    "Tokenize: text is ", request->text().size(),
-                                    " bytes; at most ", kMaxTokenizeTextBytes))));
+    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(
+                                    absl::StrCat("Tokenize: text is ", request->text().size(),
+                                                 " bytes; at most ", kMaxTokenizeTextBytes))));
   }
   EncodeOptions options;
   if (request->has_options()) {
@@ -851,9 +843,9 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
   auto tokenizer = TokenizerFor("Detokenize");
   if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
   if (request->token_ids_size() > kMaxDetokenizeIds) {
-    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-                                    "Detokenize: ", request->token_ids_size(),
-                                    " token ids; at most ", kMaxDetokenizeIds))));
+    return FinishUnary(context, ToGrpcStatus(absl::InvalidArgumentError(
+                                    absl::StrCat("Detokenize: ", request->token_ids_size(),
+                                                 " token ids; at most ", kMaxDetokenizeIds))));
   }
   // Ids of the model's vocabulary; those past the tokenizer's (padding rows) decode to nothing.
   const uint32_t vocab = static_cast<uint32_t>(state_->model()->config.vocab_size);

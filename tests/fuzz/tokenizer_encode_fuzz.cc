@@ -32,7 +32,8 @@
 #include "tokenizer/tokenizer.h"
 
 #ifndef LS_TOKENIZER_FIXTURES_DIR
-#error "LS_TOKENIZER_FIXTURES_DIR must name tests/golden/tokenizers (set by tests/fuzz/CMakeLists.txt)"
+#error \
+    "LS_TOKENIZER_FIXTURES_DIR must name tests/golden/tokenizers (set by tests/fuzz/CMakeLists.txt)"
 #endif
 
 namespace {
@@ -75,9 +76,12 @@ extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
     bool round_trips;
   };
   const Fixture fixtures[] = {
-      {"bytelevel_gpt2", true},        {"bytelevel_llama3", true},
-      {"qwen2_style", false},          {"sentencepiece_bpe", false},
-      {"sentencepiece_bpe_metaspace", false}, {"anthropic_sdk", false},
+      {"bytelevel_gpt2", true},
+      {"bytelevel_llama3", true},
+      {"qwen2_style", false},
+      {"sentencepiece_bpe", false},
+      {"sentencepiece_bpe_metaspace", false},
+      {"anthropic_sdk", false},
   };
   g_tokenizers = new std::vector<Loaded>();
   for (const Fixture& f : fixtures) {

@@ -97,8 +97,8 @@ inline bool IsCharBoundary(absl::string_view s, size_t pos) {
 // vocabulary (TemplateProcessing ids are taken from the file as they are), and with parse_special
 // off no id is a special token other than those (IsSpecial() compares token strings, as HF does,
 // so a model token " " next to a special added token " " would count).
-inline void CheckEncoding(const ls::Tokenizer& tok, absl::string_view text,
-                          const ls::Encoding& e, bool parse_special, bool strict) {
+inline void CheckEncoding(const ls::Tokenizer& tok, absl::string_view text, const ls::Encoding& e,
+                          bool parse_special, bool strict) {
   const size_t n = e.ids.size();
   Check(e.tokens.size() == n, "tokens.size() == ids.size()");
   Check(e.offsets.size() == n, "offsets.size() == ids.size()");

@@ -44,8 +44,7 @@ void Exercise(const ls::Tokenizer& tok, absl::string_view text) {
     options.parse_special = parse_special;
     absl::StatusOr<ls::Encoding> e = tok.Encode(text, options);
     if (!valid) {
-      Check(!e.ok() && absl::IsInvalidArgument(e.status()),
-            "invalid UTF-8 gives INVALID_ARGUMENT");
+      Check(!e.ok() && absl::IsInvalidArgument(e.status()), "invalid UTF-8 gives INVALID_ARGUMENT");
       continue;
     }
     // Encoding valid text may still fail on a file HF also loads but cannot encode with (an

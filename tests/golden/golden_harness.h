@@ -77,8 +77,7 @@ class Harness {
     auto cache = KvCache::Create(kv);
     EXPECT_TRUE(cache.ok()) << cache.status();
     cache_ = std::move(*cache);
-    auto model =
-        LlamaModel::Create(&config_, weights_.get(), backend_.get(), 256, max_lora_rank);
+    auto model = LlamaModel::Create(&config_, weights_.get(), backend_.get(), 256, max_lora_rank);
     EXPECT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
   }

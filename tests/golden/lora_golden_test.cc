@@ -51,8 +51,7 @@ std::unique_ptr<LoraAdapter> LoadAdapter(const std::string& dir, const Harness& 
   options.max_lora_rank = kMaxRank;
   options.base_weights = &h.weights();
   options.name = dir;
-  const absl::string_view json(reinterpret_cast<const char*>((*config)->data()),
-                               (*config)->size());
+  const absl::string_view json(reinterpret_cast<const char*>((*config)->data()), (*config)->size());
   auto adapter = LoadLoraAdapter(json, **tensors, h.config(), options);
   EXPECT_TRUE(adapter.ok()) << adapter.status();
   return adapter.ok() ? std::move(*adapter) : nullptr;
@@ -128,8 +127,7 @@ TEST_P(LoraGoldenTest, MatchesPeft) {
       for (int t = 0; t < len; ++t) rows.push_back({seq, e.ids[t], t, true, table});
       auto logits = h.Run(rows);
       for (int t = 0; t < len; ++t) {
-        EXPECT_LE(RelativeError(logits[t], e.logits.data() + static_cast<size_t>(t) * vocab,
-                                vocab),
+        EXPECT_LE(RelativeError(logits[t], e.logits.data() + static_cast<size_t>(t) * vocab, vocab),
                   kRelTolerance)
             << name << " prompt " << p << " position " << t;
       }
@@ -151,10 +149,10 @@ TEST_P(LoraGoldenTest, MatchesPeft) {
   if (f32) {
     std::vector<Harness::Row> rows;
     std::vector<Expected> cases;
-    const std::vector<std::string> row_adapters = {"attn_r4",          "__base__",
-                                                   "all_linear_r16_patterns", "embed_head_r8",
-                                                   "rslora_r64_regex", "layers1_excl_r8",
-                                                   "__base__",         "attn_r4"};
+    const std::vector<std::string> row_adapters = {
+        "attn_r4",       "__base__",         "all_linear_r16_patterns",
+        "embed_head_r8", "rslora_r64_regex", "layers1_excl_r8",
+        "__base__",      "attn_r4"};
     for (int r = 0;; ++r) {
       Expected e;
       if (!ReadCase(**expected, "mixed.row" + std::to_string(r), "f32", &e)) break;
@@ -209,8 +207,8 @@ TEST_P(LoraGoldenTest, MatchesPeft) {
         if (s >= 8 && solos[i].table == solos.front().table) continue;
         const int32_t token =
             s == 0 ? Argmax(solos[i].prefill.back()) : Argmax(solos[i].decode[s - 1]);
-        step.push_back({seqs[i], token, static_cast<int32_t>(solos[i].ids.size()) + s, true,
-                        solos[i].table});
+        step.push_back(
+            {seqs[i], token, static_cast<int32_t>(solos[i].ids.size()) + s, true, solos[i].table});
         active.push_back(i);
       }
       auto out = h.Run(step);
@@ -227,7 +225,7 @@ TEST_P(LoraGoldenTest, MatchesPeft) {
 // batch, and a model that never sees an adapter is unchanged by LoRA support.
 TEST_P(LoraGoldenTest, BaseRowsAreTheBaseModel) {
   const std::string dir = FixturesDir() + "/" + GetParam().fixture;
-  Harness plain(dir, GetParam().dtype);            // no LoRA support at all
+  Harness plain(dir, GetParam().dtype);  // no LoRA support at all
   Harness with_lora(dir, GetParam().dtype, kMaxRank);
   const std::vector<std::string> names = AdapterNames(dir);
   std::vector<std::unique_ptr<LoraAdapter>> adapters;
@@ -289,8 +287,7 @@ TEST_P(LoraGoldenTest, RegistryResidentAdaptersMatchHostCopies) {
   options.max_lora_rank = kMaxRank;
   options.pool_bytes = size_t{16} << 20;
   options.page_bytes = size_t{64} << 10;
-  auto registry =
-      AdapterRegistry::Create(std::move(*store), h.config(), &h.weights(), options);
+  auto registry = AdapterRegistry::Create(std::move(*store), h.config(), &h.weights(), options);
   ASSERT_TRUE(registry.ok()) << registry.status();
   {
     std::vector<AdapterRef> refs;

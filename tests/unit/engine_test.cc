@@ -230,9 +230,9 @@ class EngineTest : public ::testing::Test {
     ASSERT_TRUE(sampler.ok()) << sampler.status();
     std::vector<int32_t> tokens = spec->prompt;
     std::vector<int32_t> table;
-    ASSERT_TRUE(ref_cache_
-                    ->EnsureCapacity(static_cast<int64_t>(tokens.size() + spec->max_new), &table)
-                    .ok());
+    ASSERT_TRUE(
+        ref_cache_->EnsureCapacity(static_cast<int64_t>(tokens.size() + spec->max_new), &table)
+            .ok());
     std::vector<float> logits(static_cast<size_t>(config_->vocab_size));
     size_t pos = 0;
     spec->want.clear();
@@ -262,9 +262,15 @@ class EngineTest : public ::testing::Test {
       tokens.push_back(sample->token_id);
       if (sample->finish_reason != FinishReason::kNone) {
         switch (sample->finish_reason) {
-          case FinishReason::kEos: spec->want_reason = EngineFinishReason::kEos; break;
-          case FinishReason::kStopToken: spec->want_reason = EngineFinishReason::kStop; break;
-          default: spec->want_reason = EngineFinishReason::kLength; break;
+          case FinishReason::kEos:
+            spec->want_reason = EngineFinishReason::kEos;
+            break;
+          case FinishReason::kStopToken:
+            spec->want_reason = EngineFinishReason::kStop;
+            break;
+          default:
+            spec->want_reason = EngineFinishReason::kLength;
+            break;
         }
         break;
       }
@@ -337,7 +343,8 @@ class EngineTest : public ::testing::Test {
     std::vector<std::thread> submitters;
     for (int t = 0; t < threads; ++t) {
       submitters.emplace_back([&, t] {
-        for (size_t i = static_cast<size_t>(t); i < specs.size(); i += static_cast<size_t>(threads)) {
+        for (size_t i = static_cast<size_t>(t); i < specs.size();
+             i += static_cast<size_t>(threads)) {
           const absl::Status status = Submit(specs[i], sinks[i]);
           EXPECT_TRUE(status.ok()) << status;
         }
@@ -348,8 +355,8 @@ class EngineTest : public ::testing::Test {
     for (size_t i = 0; i < specs.size(); ++i) {
       const EngineResult result = sinks[i]->Wait();
       EXPECT_TRUE(result.status.ok()) << i << ": " << result.status;
-      EXPECT_EQ(sinks[i]->tokens(), specs[i].want) << "request " << i << " adapter "
-                                                   << specs[i].adapter;
+      EXPECT_EQ(sinks[i]->tokens(), specs[i].want)
+          << "request " << i << " adapter " << specs[i].adapter;
       EXPECT_EQ(result.reason, specs[i].want_reason) << i;
       EXPECT_EQ(result.usage.completion_tokens, static_cast<int32_t>(specs[i].want.size()));
       EXPECT_EQ(result.usage.prompt_tokens, static_cast<int32_t>(specs[i].prompt.size()));
@@ -509,8 +516,8 @@ TEST_F(EngineTest, MaxTokensAndStopTokenIds) {
   stop.max_new = 12;
   Reference(&stop);
   const int32_t stop_id = stop.want[3];
-  const size_t first = static_cast<size_t>(
-      std::find(stop.want.begin(), stop.want.end(), stop_id) - stop.want.begin());
+  const size_t first = static_cast<size_t>(std::find(stop.want.begin(), stop.want.end(), stop_id) -
+                                           stop.want.begin());
   stop.stop_ids = {stop_id};
   Reference(&stop);
   ASSERT_EQ(stop.want_reason, EngineFinishReason::kStop);
@@ -540,8 +547,7 @@ TEST_F(EngineTest, InvalidRequestsAreRefused) {
   request.prompt_token_ids = {7};
   request.sampling.max_new_tokens = 4;
   request.stop_strings = {"x"};  // no Detokenizer
-  EXPECT_EQ(engine_->Submit(std::move(request), sink).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Submit(std::move(request), sink).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(sink->finish_calls(), 0);
 }
 
@@ -558,8 +564,7 @@ TEST_F(EngineTest, StopDrainsOrCancels) {
   engine_->Stop();  // drains: the queued request runs to the end
   EXPECT_EQ(drained->Wait().reason, EngineFinishReason::kLength);
   EXPECT_EQ(drained->tokens(), spec.want);
-  EXPECT_EQ(Submit(spec, std::make_shared<CollectSink>()).code(),
-            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Submit(spec, std::make_shared<CollectSink>()).code(), absl::StatusCode::kUnavailable);
 
   // A fresh engine stopped at once: in-flight requests are cancelled, blocks freed.
   MakeEngine(64, 4, SmallSteps());

@@ -88,13 +88,27 @@ TEST(ServerOptions, ValidateNamesTheFlag) {
 
 TEST(ServerOptions, ToStringListsEveryField) {
   const std::string s = ServerOptions().ToString();
-  for (const char* field :
-       {"address=", "metrics_address=", "enable_reflection=", "model=", "backend=",
-        "max_model_len=", "kv_cache_bytes=", "kv_block_tokens=", "threads=", "weights_dtype=",
-        "max_step_tokens=", "drain_timeout=", "max_receive_message_bytes=", "adapter_root=",
-        "max_lora_rank=", "adapter_pool_bytes=", "adapter_page_bytes=",
-        "adapter_host_cache_bytes=", "adapter_wait_timeout=", "max_loras_per_step=",
-        "max_queued_requests="}) {
+  for (const char* field : {"address=",
+                            "metrics_address=",
+                            "enable_reflection=",
+                            "model=",
+                            "backend=",
+                            "max_model_len=",
+                            "kv_cache_bytes=",
+                            "kv_block_tokens=",
+                            "threads=",
+                            "weights_dtype=",
+                            "max_step_tokens=",
+                            "drain_timeout=",
+                            "max_receive_message_bytes=",
+                            "adapter_root=",
+                            "max_lora_rank=",
+                            "adapter_pool_bytes=",
+                            "adapter_page_bytes=",
+                            "adapter_host_cache_bytes=",
+                            "adapter_wait_timeout=",
+                            "max_loras_per_step=",
+                            "max_queued_requests="}) {
     EXPECT_THAT(s, HasSubstr(field));
   }
 }
