@@ -673,6 +673,9 @@ class StreamSink final : public RequestSink {
     if (status.ok()) {
       final_chunk.emplace();
       final_chunk->set_request_id(request_id_);
+      // The version that served the request (the header may predate its load).
+      final_chunk->mutable_adapter()->set_id(result.adapter_id);
+      final_chunk->mutable_adapter()->set_version(result.adapter_version);
       tracker_.Fill(result, stop_strings_, &*final_chunk);
     }
     std::lock_guard<std::mutex> lock(link_->mu);

@@ -580,3 +580,23 @@ def test_generate_concurrent_and_cancelled_stream(sp_server):
             break
         time.sleep(0.05)
     assert info.scheduler.num_running_requests == 0 and info.kv_cache.used_blocks == 0
+
+
+def test_loractl_generate(tmp_path, server_factory, model_dir, sp_server):
+    # A text prompt on the model with a tokenizer: the text streams to stdout.
+    out = subprocess.run([LORACTL, f"--address={sp_server.grpc}", "generate", "--max_tokens=6",
+                          "hello world"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "FINISH_REASON_" in out.stderr and "completion tokens]" in out.stderr, out.stderr
+    # Token ids and an adapter on the fixture model: the adapter is named in the summary.
+    root = tmp_path / "adapters"
+    shutil.copytree(os.path.join(model_dir, "adapters", "attn_r4"), root / "attn_r4")
+    srv = server_factory(f"--model={model_dir}", f"--adapter_root={root}",
+                         "--kv_cache_bytes=4194304", "--threads=1")
+    base = [LORACTL, f"--address={srv.grpc}", "generate", "--token_ids=3,17,29", "--max_tokens=4"]
+    out = subprocess.run(base + ["--adapter=attn_r4"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "token_ids: " in out.stdout and "adapter attn_r4 " in out.stderr, (out.stdout, out.stderr)
+    assert "3 prompt + 4 completion tokens" in out.stderr, out.stderr
+    missing = subprocess.run(base + ["--adapter=nope"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr, missing.stderr
