@@ -99,8 +99,16 @@ bool Exists(const std::string& path) {
 // Reads a whole file of at most `max_bytes` bytes.
 absl::StatusOr<std::string> ReadSmallFile(const std::string& path, size_t max_bytes,
                                           bool no_follow) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (no_follow ? O_NOFOLLOW : 0));
+  // O_NONBLOCK: should the path have become a FIFO since it was checked, opening it must not
+  // wait for a writer (and the fstat below refuses it).
+  const int fd =
+      ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | (no_follow ? O_NOFOLLOW : 0));
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat("open ", path));
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(path, " is not a regular file"));
+  }
   std::string out;
   char buffer[65536];
   while (true) {
@@ -325,6 +333,43 @@ std::string AdapterVersionOfBytes(absl::Span<const uint8_t> config_bytes,
       EVP_DigestFinal_ex(ctx.get(), digest, &length) != 1) {
     std::abort();
   }
+  return Hex(digest, length);
+}
+
+Sha256Hasher::Sha256Hasher() {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  // As in AdapterVersionOfBytes: only a broken OpenSSL (out of memory) fails here.
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) std::abort();
+  ctx_ = ctx;
+}
+
+Sha256Hasher::~Sha256Hasher() {
+  if (ctx_ != nullptr) EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_));
+}
+
+Sha256Hasher::Sha256Hasher(Sha256Hasher&& other) noexcept : ctx_(other.ctx_) {
+  other.ctx_ = nullptr;
+}
+
+Sha256Hasher& Sha256Hasher::operator=(Sha256Hasher&& other) noexcept {
+  if (this != &other) {
+    if (ctx_ != nullptr) EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_));
+    ctx_ = other.ctx_;
+    other.ctx_ = nullptr;
+  }
+  return *this;
+}
+
+void Sha256Hasher::Update(absl::string_view bytes) {
+  if (EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), bytes.data(), bytes.size()) != 1) {
+    std::abort();
+  }
+}
+
+std::string Sha256Hasher::FinalHex() {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), digest, &length) != 1) std::abort();
   return Hex(digest, length);
 }
 

@@ -58,6 +58,24 @@ absl::Status ValidateAdapterId(absl::string_view id);
 std::string AdapterVersionOfBytes(absl::Span<const uint8_t> config_bytes,
                                   absl::Span<const uint8_t> weights_bytes);
 
+// Incremental SHA-256 (OpenSSL), for checking bytes as they stream in (uploads). Move-only.
+class Sha256Hasher {
+ public:
+  Sha256Hasher();
+  ~Sha256Hasher();
+  Sha256Hasher(Sha256Hasher&& other) noexcept;
+  Sha256Hasher& operator=(Sha256Hasher&& other) noexcept;
+  Sha256Hasher(const Sha256Hasher&) = delete;
+  Sha256Hasher& operator=(const Sha256Hasher&) = delete;
+
+  void Update(absl::string_view bytes);
+  // 64 lowercase hex digits; the hasher must not be updated afterwards.
+  std::string FinalHex();
+
+ private:
+  void* ctx_ = nullptr;  // EVP_MD_CTX
+};
+
 // An adapter directory, resolved and checked.
 struct AdapterPaths {
   std::string id;

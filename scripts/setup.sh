@@ -85,6 +85,22 @@ else
   log "virtual environment up to date"
 fi
 
+# The Python client (client/python, package loraserve_client) with stubs generated from proto/.
+# Its in-tree build backend needs only grpcio-tools from the venv, so the install is offline
+# (no build isolation, no index). Reinstalled when the client or the protos change.
+client_stamp="$venv/.loraserve-client.sha256"
+client_want="$(cd "$root" && find client/python proto -type f \
+  \( -name '*.py' -o -name '*.toml' -o -name '*.proto' -o -name py.typed \) \
+  -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$client_stamp" 2>/dev/null)" != "$client_want" ]; then
+  log "installing the Python client (client/python)"
+  "$venv/bin/python" -m pip install -q --require-virtualenv --no-build-isolation --no-index \
+    "$root/client/python"
+  echo "$client_want" >"$client_stamp"
+else
+  log "Python client up to date"
+fi
+
 if [ "$do_build" -eq 1 ]; then
   gen=()
   command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)

@@ -1,5 +1,8 @@
-// loraserve: flags -> ServerOptions -> a running server; SIGTERM/SIGINT drain it and exit 0.
+// loraserve: flags -> ServerOptions -> a running server; SIGTERM/SIGINT drain it and exit 0. A
+// second signal during the drain cancels what still runs and exits 128 + the signal number, so
+// a supervisor can tell a forced stop from a clean one.
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
@@ -10,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/logging.h"
 #include "server/build_info.h"
@@ -64,8 +68,16 @@ int main(int argc, char** argv) {
     LS_LOG(ERROR) << "start failed: " << server.status();
     return 1;
   }
-  std::printf("loraserve ready grpc=%s metrics=%s\n", (*server)->grpc_address().c_str(),
-              (*server)->metrics_address().c_str());
+  // Tests and scripts parse this line; the optional listeners are appended only when set.
+  std::string ready = absl::StrCat("loraserve ready grpc=", (*server)->grpc_address(),
+                                   " metrics=", (*server)->metrics_address());
+  if (!(*server)->admin_address().empty()) {
+    absl::StrAppend(&ready, " admin=", (*server)->admin_address());
+  }
+  if (!(*server)->health_address().empty()) {
+    absl::StrAppend(&ready, " health=", (*server)->health_address());
+  }
+  std::printf("%s\n", ready.c_str());
   std::fflush(stdout);
 
   int sig = 0;
@@ -80,16 +92,28 @@ int main(int argc, char** argv) {
     (*server)->Shutdown(absl::Now() + options->drain_timeout);
     drained.store(true);
   });
+  int exit_code = 0;
   while (!drained.load()) {
     const timespec poll = {0, 100 * 1000 * 1000};
     const int got = sigtimedwait(&signals, nullptr, &poll);
     if (got == SIGTERM || got == SIGINT) {
-      LS_LOG(WARNING) << SignalName(got) << " again: cancelling in-flight RPCs";
+      LS_LOG(WARNING) << SignalName(got) << " again: cancelling in-flight RPCs and exiting";
+      exit_code = 128 + got;
       (*server)->ForceShutdown();
       break;
     }
   }
+  if (exit_code != 0) {
+    // "At once": give the cancelled RPCs a moment to end cleanly, but never hang on them.
+    const absl::Time limit = absl::Now() + absl::Seconds(5);
+    while (!drained.load() && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(10));
+    if (!drained.load()) {
+      LS_LOG(ERROR) << "shutdown did not finish within 5s of the second signal; exiting anyway";
+      std::fflush(nullptr);
+      _exit(exit_code);
+    }
+  }
   drainer.join();
-  LS_LOG(INFO) << "stopped";
-  return 0;
+  LS_LOG(INFO) << (exit_code == 0 ? "stopped" : "stopped (forced)");
+  return exit_code;
 }

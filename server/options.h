@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -30,6 +31,8 @@ std::string FormatHostPort(const std::string& host, int port);
 struct ServerOptions {
   std::string address = "0.0.0.0:50051";         // gRPC listener
   std::string metrics_address = "0.0.0.0:9464";  // Prometheus /metrics listener
+  // Also export the vllm:* gauges the Gateway API Inference Extension reads (docs/metrics.md).
+  bool metrics_vllm_compat = true;
   bool enable_reflection = true;
   std::string model_dir;  // Hugging Face model folder; empty = serve without a model
   BackendKind backend = BackendKind::kCpu;
@@ -50,11 +53,33 @@ struct ServerOptions {
   absl::Duration adapter_wait_timeout = absl::Seconds(30);  // waiting for pool room, at most
   int max_loras_per_step = 32;                              // distinct adapters in one step
   int64_t max_queued_requests = 1024;                       // submitted, not yet running
+  double default_max_queue_seconds = 0;  // a request's default max_queue_seconds; 0 = no limit
+  // Adapter administration (docs/adapters.md, "Admin operations").
+  uint64_t max_adapter_upload_bytes = 1ull << 30;  // both files of one upload, at most
+  uint64_t adapter_root_max_bytes = 0;             // files under the root; 0 = unlimited
+  bool load_on_demand = true;                      // a request may load a registered adapter
+  std::vector<std::string> preload_adapters;       // ids loaded at start (start fails if not)
+  // Listeners and security (docs/security.md).
+  std::string admin_address;        // empty: Admin is served on `address`
+  std::string health_address;       // empty: no separate plaintext health listener
+  std::string tls_cert_file;        // PEM chain; with tls_key_file, TLS on address/admin
+  std::string tls_key_file;         // PEM private key
+  std::string tls_client_ca_file;   // PEM CAs; set: client certificates required (mTLS)
+  std::string admin_token_file;     // empty: Admin is not authenticated
+  std::string inference_keys_file;  // empty: inference is open
+  absl::Duration keepalive_time = absl::Hours(2);        // server pings an idle connection
+  absl::Duration keepalive_timeout = absl::Seconds(20);  // ... and drops it without an answer
+  absl::Duration max_connection_age = absl::InfiniteDuration();        // then GOAWAY
+  absl::Duration max_connection_age_grace = absl::InfiniteDuration();  // then closed
 
   // Checks every field; the message names the flag and the bad value.
   absl::Status Validate() const;
   // One "name=value" per field, for the start-up log.
   std::string ToString() const;
+
+ private:
+  absl::Status ValidateListenersAndSecurity() const;
+  std::string ListenersAndSecurityToString() const;
 };
 
 // Builds ServerOptions from the process's absl flags (after absl::ParseCommandLine) and

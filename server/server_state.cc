@@ -9,6 +9,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "model/safetensors.h"
+#include "server/adapters/upload.h"
 
 namespace ls {
 namespace {
@@ -81,9 +82,27 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const ServerOptions& opti
     ro.wait_timeout = options.adapter_wait_timeout;
     ro.max_lora_rank = options.max_lora_rank;
     ro.dtype = options.weights_dtype;
+    ro.load_on_demand = options.load_on_demand;
     auto registry = AdapterRegistry::Create(std::move(*store), m->config, m->weights.get(), ro);
     if (!registry.ok()) return WithFlag(registry.status(), "--adapter_root");
     m->adapters = std::move(*registry);
+    // Staging directories of uploads (and deletes) a previous process left unfinished.
+    for (const std::string& name : RemoveLeftovers(m->adapters->store().root())) {
+      LS_LOG(INFO) << "removed leftover " << name << " from --adapter_root";
+    }
+    // Every adapter in the root is registered (tier disk), disabled ones as disabled.
+    for (const absl::Status& skipped : m->adapters->RegisterAll()) {
+      LS_LOG(WARNING) << "--adapter_root: " << skipped.message() << " (skipped)";
+    }
+    for (const std::string& id : options.preload_adapters) {
+      auto loaded = m->adapters->Load(id);
+      if (!loaded.ok()) {
+        return absl::Status(loaded.status().code(),
+                            absl::StrCat("--preload_adapters: adapter \"", id,
+                                         "\" does not load: ", loaded.status().message()));
+      }
+      LS_LOG(INFO) << "preloaded adapter \"" << id << "\" version " << loaded->version;
+    }
   }
   EngineOptions eo;
   eo.max_step_tokens = static_cast<int32_t>(options.max_step_tokens);

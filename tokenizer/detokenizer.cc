@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
@@ -28,6 +29,9 @@ class DecoderStep {
  public:
   virtual ~DecoderStep() = default;
   virtual void Apply(Tokens* tokens) const = 0;
+  // The raw bytes one token stands for, when this step maps tokens to bytes (ByteLevel,
+  // ByteFallback) and `token` is such a token; else false.
+  virtual bool RawBytes(const std::string& /*token*/, std::string* /*out*/) const { return false; }
 };
 
 namespace detok {
@@ -151,28 +155,33 @@ class ByteLevelStep final : public DecoderStep {
   // stands for no byte (an added token such as "▁x", or "\u00a0") contributes its UTF-8 as is.
   // All bytes are joined and decoded lossily into ONE element.
   void Apply(Tokens* tokens) const override {
-    static const std::array<int16_t, kByteLevelMaxCodePoint> kTable = MakeByteLevelTable();
     std::string bytes;
-    for (const std::string& token : *tokens) {
-      const size_t mark = bytes.size();
-      size_t i = 0;
-      bool all_mapped = true;
-      while (i < token.size()) {
-        const char32_t cp = NextCodePoint(token, &i);
-        if (cp >= kByteLevelMaxCodePoint || kTable[cp] < 0) {
-          all_mapped = false;
-          break;
-        }
-        bytes.push_back(static_cast<char>(kTable[cp]));
-      }
-      if (!all_mapped) {
-        bytes.resize(mark);
-        bytes.append(token);
-      }
-    }
+    for (const std::string& token : *tokens) AppendBytes(token, &bytes);
     std::string text;
     detok::AppendUtf8Lossy(bytes, &text);
     tokens->assign(1, std::move(text));
+  }
+
+  bool RawBytes(const std::string& token, std::string* out) const override {
+    out->clear();
+    AppendBytes(token, out);
+    return true;
+  }
+
+ private:
+  static void AppendBytes(const std::string& token, std::string* bytes) {
+    static const std::array<int16_t, kByteLevelMaxCodePoint> kTable = MakeByteLevelTable();
+    const size_t mark = bytes->size();
+    size_t i = 0;
+    while (i < token.size()) {
+      const char32_t cp = NextCodePoint(token, &i);
+      if (cp >= kByteLevelMaxCodePoint || kTable[cp] < 0) {
+        bytes->resize(mark);
+        bytes->append(token);
+        return;
+      }
+      bytes->push_back(static_cast<char>(kTable[cp]));
+    }
   }
 };
 
@@ -248,6 +257,13 @@ class ByteFallbackStep final : public DecoderStep {
     }
     flush();
     *tokens = std::move(out);
+  }
+
+  bool RawBytes(const std::string& token, std::string* out) const override {
+    int byte = -1;
+    if (!ParseByteToken(token, &byte)) return false;
+    out->assign(1, static_cast<char>(byte));
+    return true;
   }
 
  private:
@@ -573,6 +589,16 @@ absl::StatusOr<std::unique_ptr<Detokenizer>> Detokenizer::Create(DecodeVocab voc
     detokenizer->skip_[id] = vocab.present[id] && special_strings.count(vocab.id_to_token[id]) > 0;
   }
   detokenizer->vocab_ = std::move(vocab);
+  // TokenBytes decodes a token after this one, so that first-token rules (Metaspace, Strip of
+  // the dummy prefix) leave it as it reads mid-text.
+  for (int32_t id = 0; id < detokenizer->vocab_size(); ++id) {
+    if (detokenizer->IsDropped(id, /*skip_special_tokens=*/true)) continue;
+    const std::string text = detokenizer->Decode(absl::MakeConstSpan(&id, 1), false);
+    if (!text.empty() && !absl::StrContains(text, detok::kReplacementChar)) {
+      detokenizer->anchor_id_ = id;
+      break;
+    }
+  }
   return detokenizer;
 }
 
@@ -590,6 +616,30 @@ std::string Detokenizer::Decode(absl::Span<const int32_t> ids, bool skip_special
   if (!has_decoder_) return absl::StrJoin(tokens, " ");
   for (const auto& step : steps_) step->Apply(&tokens);
   return absl::StrJoin(tokens, "");
+}
+
+std::string Detokenizer::TokenBytes(int32_t id) const {
+  if (!HasToken(id)) return "";
+  const std::string& token = vocab_.id_to_token[static_cast<size_t>(id)];
+  std::string text = Decode(absl::MakeConstSpan(&id, 1), /*skip_special_tokens=*/false);
+  if (anchor_id_ >= 0) {
+    const int32_t pair[2] = {anchor_id_, id};
+    const std::string anchor = Decode(absl::MakeConstSpan(pair, 1), false);
+    const std::string both = Decode(pair, false);
+    if (absl::StartsWith(both, anchor)) text = both.substr(anchor.size());
+  }
+  // A repaired text means the token is part of a character: its own bytes instead.
+  if (!absl::StrContains(text, detok::kReplacementChar)) return text;
+  std::string bytes;
+  for (const auto& step : steps_) {
+    if (step->RawBytes(token, &bytes)) return bytes;
+  }
+  return text;
+}
+
+const std::string& Detokenizer::TokenPiece(int32_t id) const {
+  static const std::string kEmpty;
+  return HasToken(id) ? vocab_.id_to_token[static_cast<size_t>(id)] : kEmpty;
 }
 
 }  // namespace ls

@@ -43,6 +43,15 @@ class Detokenizer {
   // Thread-safe.
   std::string Decode(absl::Span<const int32_t> ids, bool skip_special_tokens) const;
 
+  // The bytes token `id` adds to a text it follows (so a SentencePiece "▁the" gives " the",
+  // which Decode({id}) would strip as the first token), without the UTF-8 repair: a byte-level
+  // or byte-fallback token that is part of a character gives its raw bytes. Empty for an id
+  // with no token. For logprobs; thread-safe.
+  std::string TokenBytes(int32_t id) const;
+  // The token string as written in tokenizer.json ("Ġthe", "▁the", "<0x0A>"); empty for an id
+  // with no token.
+  const std::string& TokenPiece(int32_t id) const;
+
   int32_t vocab_size() const { return static_cast<int32_t>(vocab_.id_to_token.size()); }
   // True for a special added token, and (as HF compares token strings, not ids) for any other id
   // whose token string equals the content of one.
@@ -63,6 +72,7 @@ class Detokenizer {
   std::vector<bool> skip_;  // IsSpecial() per id: special by flag or by token string
   std::vector<std::unique_ptr<DecoderStep>> steps_;  // empty with a null decoder
   bool has_decoder_ = false;
+  int32_t anchor_id_ = -1;  // a plain token TokenBytes decodes after; -1 if none
 };
 
 // UTF-8 helpers of the decode side.

@@ -9,11 +9,15 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -44,6 +48,22 @@ struct Entry {
   // happened to the id meanwhile.
   uint64_t epoch = 0;
   absl::Time last_used = absl::InfinitePast();
+  // Delete ran: the id is unknown until its directory exists again (FindOrCreateEntry).
+  bool deleted = false;
+  // Delete is between marking the id deleted and renaming its directory away: the directory is
+  // still there, but must not bring the id back (FindOrCreateEntry, Get, List).
+  bool deleting = false;
+  // Loaded by an operator in this process (Load / Reload); what --load_on_demand=false needs.
+  bool admitted = false;
+  uint64_t requests_served = 0;
+  uint64_t tokens_served = 0;
+  std::string last_version;  // of the last successful load that became current
+  // The version the id serves as READY (last_version, unless Unload, Delete or a sticky load
+  // error came after it): what a load's record compares with (previous_version, unchanged).
+  std::string ready_version;
+  std::shared_ptr<const AdapterLoadRecord> last_load;
+  // Renamed-away directories of a Delete, removed once no version of the id is referenced.
+  std::vector<std::string> trash;
 };
 
 // One load of an id's files. `key` and `entry` are immutable; every other field is guarded by
@@ -85,6 +105,10 @@ namespace {
 
 std::string Quote(absl::string_view id) { return absl::StrCat("\"", id, "\""); }
 
+absl::Status BeingDeletedStatus(absl::string_view id) {
+  return absl::NotFoundError(absl::StrCat("adapter ", Quote(id), " is being deleted"));
+}
+
 // "7168 bytes (7.0 KiB)": exact, and readable when large.
 std::string FormatBytes(size_t bytes) {
   static constexpr const char* kUnits[] = {"KiB", "MiB", "GiB", "TiB"};
@@ -113,6 +137,29 @@ std::string ShortVersion(const Version& v) {
 bool IsStickyLoadError(const absl::Status& status) {
   return !absl::IsAborted(status) && !absl::IsUnavailable(status) && !absl::IsInternal(status) &&
          !absl::IsDeadlineExceeded(status);
+}
+
+// LORASERVE_FAILPOINTS: `name=value` entries separated by ';'. The only failpoint is
+// adapter_load_pause=<path> (docs/adapters.md, "Testing"); returns its path, or "".
+std::string LoadPauseFailpoint() {
+  const char* env = std::getenv("LORASERVE_FAILPOINTS");
+  if (env == nullptr || *env == '\0') return "";
+  std::string path;
+  for (absl::string_view entry : absl::StrSplit(env, ';', absl::SkipEmpty())) {
+    const size_t eq = entry.find('=');
+    const absl::string_view name = entry.substr(0, eq);
+    if (name == "adapter_load_pause" && eq != absl::string_view::npos && eq + 1 < entry.size()) {
+      path = std::string(entry.substr(eq + 1));
+    } else {
+      LS_LOG(WARNING) << "LORASERVE_FAILPOINTS: ignoring \"" << entry
+                      << "\" (expected adapter_load_pause=<path>)";
+    }
+  }
+  if (!path.empty()) {
+    LS_LOG(WARNING) << "LORASERVE_FAILPOINTS: adapter_load_pause=" << path
+                    << " is set (a testing aid): adapter loads wait while that file exists";
+  }
+  return path;
 }
 
 void LowerThisThreadsPriority(int nice) {
@@ -189,6 +236,8 @@ AdapterRef& AdapterRef::operator=(AdapterRef&& other) noexcept {
     groups_ = std::exchange(other.groups_, nullptr);
     info_ = std::exchange(other.info_, nullptr);
     wait_start_ = std::exchange(other.wait_start_, absl::InfinitePast());
+    count_served_ = std::exchange(other.count_served_, true);
+    tokens_ = std::exchange(other.tokens_, 0);
   }
   return *this;
 }
@@ -201,6 +250,8 @@ void AdapterRef::Reset() {
   groups_ = nullptr;
   info_ = nullptr;
   wait_start_ = absl::InfinitePast();
+  count_served_ = true;
+  tokens_ = 0;
 }
 
 const std::string& AdapterRef::id() const {
@@ -240,6 +291,7 @@ AdapterRegistry::AdapterRegistry(std::unique_ptr<AdapterStore> store,
       base_config_(base_config),
       base_weights_(base_weights),
       options_(options),
+      load_pause_file_(LoadPauseFailpoint()),
       pool_(std::move(pool)) {
   loaders_.reserve(static_cast<size_t>(options_.loader_threads));
   for (int i = 0; i < options_.loader_threads; ++i) {
@@ -268,19 +320,33 @@ Entry* AdapterRegistry::FindEntry(absl::string_view id) const {
 absl::StatusOr<Entry*> AdapterRegistry::FindOrCreateEntry(absl::string_view id) {
   {
     MutexLock lock(&mu_);
-    if (Entry* e = FindEntry(id)) return e;
+    Entry* e = FindEntry(id);
+    if (e != nullptr && e->deleting) return BeingDeletedStatus(id);
+    if (e != nullptr && !e->deleted) return e;
   }
-  LS_ASSIGN_OR_RETURN(const AdapterPaths paths, store_->Resolve(id));
+  absl::StatusOr<AdapterPaths> paths = store_->Resolve(id);
+  if (!paths.ok()) return paths.status();
   bool disabled = false;
   if (options_.persist_disabled) {
     struct stat st;
-    disabled = ::stat(absl::StrCat(paths.dir, "/", kAdapterDisabledFile).c_str(), &st) == 0;
+    disabled = ::stat(absl::StrCat(paths->dir, "/", kAdapterDisabledFile).c_str(), &st) == 0;
   }
   MutexLock lock(&mu_);
   auto [it, inserted] = entries_.try_emplace(std::string(id));
   if (inserted) {
     it->second = std::make_unique<Entry>(std::string(id));
     it->second->disabled = disabled;
+  } else if (it->second->deleting) {
+    return BeingDeletedStatus(id);
+  } else if (it->second->deleted) {
+    // A directory of a deleted id appeared again (an upload): a new adapter under the old name.
+    Entry* e = it->second.get();
+    e->deleted = false;
+    e->disabled = disabled;
+    e->failed = absl::OkStatus();
+    e->admitted = false;
+    e->last_version.clear();
+    e->ready_version.clear();
   }
   return it->second.get();
 }
@@ -467,6 +533,11 @@ absl::StatusOr<AdapterRef> AdapterRegistry::Acquire(absl::string_view id) {
         absl::StrCat("adapter ", Quote(id), " is unloaded (disabled); LoadAdapter enables it"));
   }
   if (!e->failed.ok()) return e->failed;
+  if (!options_.load_on_demand && !e->admitted) {
+    return absl::NotFoundError(absl::StrCat("adapter ", Quote(id),
+                                            " is not loaded and --load_on_demand is off; "
+                                            "LoadAdapter (or --preload_adapters) loads it"));
+  }
   std::shared_ptr<Version> v = CurrentOrNewLocked(e);
   AdapterRef ref = MakeRefLocked(v);
   EnsureProgressLocked(v);
@@ -476,17 +547,43 @@ absl::StatusOr<AdapterRef> AdapterRegistry::Acquire(absl::string_view id) {
 void AdapterRegistry::Release(AdapterRef& ref) {
   MutexLock lock(&mu_);
   Version* v = ref.version_;
+  Entry* e = v->entry;
   LS_CHECK(v->refs > 0) << "adapter reference released twice";
   --v->refs;
   --live_refs_;
+  if (ref.count_served_) ++e->requests_served;
+  e->tokens_served += ref.tokens_;
   TouchLocked(v);
   if (v->refs > 0) return;
   if (!PinnedLocked(v)) ClearWaitingLocked(v);
-  if (v->entry->current.get() == v) {
+  if (e->current.get() == v) {
     if (v->resident && !PinnedLocked(v)) CapacityChangedLocked();  // now evictable
     EnforceHostBudgetLocked();
   } else {
     MaybeFreeLocked(v);  // an unloaded or replaced version: its last user is gone
+  }
+  if (!e->trash.empty()) MaybeQueueTrashLocked(e);
+}
+
+void AdapterRegistry::MaybeQueueTrashLocked(Entry* e) {
+  if (e->current != nullptr && e->current->refs > 0) return;
+  for (const auto& [raw, v] : others_) {
+    if (v->entry == e && v->refs > 0) return;
+  }
+  for (std::string& dir : e->trash) trash_.push_back(std::move(dir));
+  e->trash.clear();
+  if (!free_queued_) {
+    free_queued_ = true;
+    EnqueueLocked(TaskKind::kFree, nullptr);
+  }
+}
+
+void AdapterRegistry::RemoveTrash(const std::vector<std::string>& dirs) {
+  for (const std::string& dir : dirs) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);  // never follows symlinks
+    if (ec)
+      LS_LOG(WARNING) << "cannot remove deleted adapter files " << dir << ": " << ec.message();
   }
 }
 
@@ -601,8 +698,11 @@ void AdapterRegistry::LoaderMain() {
         free_queued_ = false;
         std::vector<std::unique_ptr<LoraAdapter>> garbage = std::move(graveyard_);
         graveyard_.clear();
+        std::vector<std::string> trash = std::move(trash_);
+        trash_.clear();
         mu_.Unlock();
         garbage.clear();
+        RemoveTrash(trash);
         mu_.Lock();
         break;
       }
@@ -618,7 +718,10 @@ void AdapterRegistry::FailLocked(Version* v, absl::Status status) {
   changed_.SignalAll();
   Entry* e = v->entry;
   if (e->current.get() == v) {
-    if (IsStickyLoadError(v->status)) e->failed = v->status;
+    if (IsStickyLoadError(v->status)) {
+      e->failed = v->status;
+      e->ready_version.clear();  // FAILED: no longer serving a version
+    }
     RetireCurrentLocked(e);  // refs holding it see the error; a new Acquire sees e->failed
   } else {
     MaybeFreeLocked(v);
@@ -639,6 +742,8 @@ void AdapterRegistry::RunLoad(const std::shared_ptr<Version>& v) {
 
   mu_.Unlock();
   const absl::Time start = absl::Now();
+  // A paused load counts as a slow read: it is in the latency, as a hung disk would be.
+  if (!load_pause_file_.empty()) MaybePauseLoad(id);
   absl::StatusOr<LoadedAdapter> loaded;
   int retries = 0;
   for (int attempt = 1;; ++attempt) {
@@ -661,12 +766,13 @@ void AdapterRegistry::RunLoad(const std::shared_ptr<Version>& v) {
 
   v->task_queued = false;
   stats_.load_retries += static_cast<uint64_t>(retries);
-  if (!loaded.ok()) {
-    FailLocked(v.get(), loaded.status());
-    return;
+  absl::Status failure = loaded.status();
+  if (failure.ok() && pool_->PagesFor(info->packed_bytes) > pool_->num_pages()) {
+    failure = TooLargeStatus(id, info->packed_bytes);
   }
-  if (pool_->PagesFor(info->packed_bytes) > pool_->num_pages()) {
-    FailLocked(v.get(), TooLargeStatus(id, info->packed_bytes));
+  RecordLoadLocked(v->entry, failure, info, seconds);
+  if (!failure.ok()) {
+    FailLocked(v.get(), std::move(failure));
     return;
   }
   ++stats_.loads;
@@ -683,6 +789,10 @@ void AdapterRegistry::RunLoad(const std::shared_ptr<Version>& v) {
     return;
   }
   v->info = std::move(info);
+  if (v->entry->current.get() == v.get()) {
+    v->entry->last_version = v->info->version;
+    v->entry->ready_version = v->info->version;
+  }
   v->host = std::move(loaded->adapter);
   host_bytes_ += v->host->packed_bytes();
   v->phase = Phase::kReady;
@@ -696,6 +806,40 @@ void AdapterRegistry::RunLoad(const std::shared_ptr<Version>& v) {
   v->place_requested = false;
   changed_.SignalAll();
   EnforceHostBudgetLocked();
+}
+
+void AdapterRegistry::RecordLoadLocked(Entry* e, const absl::Status& status,
+                                       const std::shared_ptr<const LoadedInfo>& info,
+                                       double seconds) {
+  auto record = std::make_shared<AdapterLoadRecord>();
+  record->status = status;
+  record->seconds = seconds;
+  record->finished_at = absl::Now();
+  if (info != nullptr) record->report = info->report;
+  if (status.ok()) {
+    record->version = info->version;
+    if (!e->ready_version.empty() && e->ready_version == info->version) {
+      record->unchanged = true;
+    } else {
+      record->previous_version = e->ready_version;
+    }
+  }
+  e->last_load = std::move(record);
+}
+
+void AdapterRegistry::MaybePauseLoad(const std::string& id) {
+  struct stat st;
+  if (::stat(load_pause_file_.c_str(), &st) != 0) return;
+  LS_LOG(WARNING) << "failpoint adapter_load_pause: the load of adapter " << Quote(id)
+                  << " waits while " << load_pause_file_ << " exists";
+  const absl::Time give_up = absl::Now() + absl::Seconds(300);
+  while (::stat(load_pause_file_.c_str(), &st) == 0 && absl::Now() < give_up) {
+    {
+      MutexLock lock(&mu_);
+      if (stop_) return;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
 }
 
 bool AdapterRegistry::AllocateForLocked(Version* v) {
@@ -825,6 +969,10 @@ AdapterInfo AdapterRegistry::InfoLocked(const Entry& e) const {
   info.id = e.id;
   info.pins = e.pins;
   info.last_used = e.last_used;
+  info.last_loaded_version = e.last_version;
+  info.requests_served = e.requests_served;
+  info.tokens_served = e.tokens_served;
+  info.last_load = e.last_load;
   const Version* cur = e.current.get();
   if (e.disabled) {
     info.state = AdapterState::kDisabled;
@@ -887,6 +1035,11 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, absl::Ti
     EnsureProgressLocked(v);
   }
   LS_RETURN_IF_ERROR(WaitLoadedLocked(v, deadline));
+  e->admitted = true;
+  if (v->info != nullptr) {
+    e->last_version = v->info->version;
+    e->ready_version = v->info->version;
+  }
   AdapterInfo info = InfoLocked(*e);
   if (info.report == nullptr && v->info != nullptr) {
     // Loaded, then dropped from the host cache at once (a cache smaller than the adapter).
@@ -898,13 +1051,20 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, absl::Ti
   return info;
 }
 
-absl::Status AdapterRegistry::Unload(absl::string_view id) {
+absl::Status AdapterRegistry::Unload(absl::string_view id, bool force) {
   LS_RETURN_IF_ERROR(ValidateAdapterId(id));
   LS_ASSIGN_OR_RETURN(Entry * e, FindOrCreateEntry(id));
   {
     MutexLock lock(&mu_);
+    if (!force && e->pins > 0) {
+      return absl::FailedPreconditionError(absl::StrCat("adapter ", Quote(id), " is pinned (",
+                                                        e->pins, e->pins == 1 ? " pin" : " pins",
+                                                        "); unpin it first or unload with force"));
+    }
     e->disabled = true;
+    e->admitted = false;
     e->failed = absl::OkStatus();
+    e->ready_version.clear();
     e->pins = 0;
     ++e->epoch;
     RetireCurrentLocked(e);
@@ -954,11 +1114,15 @@ absl::StatusOr<AdapterReloadResult> AdapterRegistry::Reload(absl::string_view id
     staged->staged = false;
     MaybeFreeLocked(staged.get());
     result.new_version = false;
+    e->admitted = true;
   } else {
     RetireCurrentLocked(e);
     staged->staged = false;
     others_.erase(staged.get());
     e->current = staged;
+    e->last_version = staged->info->version;
+    e->ready_version = staged->info->version;
+    e->admitted = true;
     result.new_version = true;
     if (!staged->resident) {
       staged->place_requested = true;
@@ -973,6 +1137,7 @@ absl::StatusOr<AdapterReloadResult> AdapterRegistry::Reload(absl::string_view id
 absl::Status AdapterRegistry::Pin(absl::string_view id, absl::Time deadline) {
   LS_ASSIGN_OR_RETURN(AdapterRef ref, Acquire(id));
   if (ref.is_base()) return absl::InvalidArgumentError("cannot pin the base model (empty id)");
+  ref.count_served_ = false;  // the operator's hold, not a request
   Entry* e = ref.version_->entry;
   {
     MutexLock lock(&mu_);
@@ -1008,7 +1173,9 @@ absl::Status AdapterRegistry::Unpin(absl::string_view id) {
 absl::StatusOr<AdapterInfo> AdapterRegistry::Get(absl::string_view id) const {
   {
     MutexLock lock(&mu_);
-    if (const Entry* e = FindEntry(id)) return InfoLocked(*e);
+    const Entry* e = FindEntry(id);
+    if (e != nullptr && e->deleting) return BeingDeletedStatus(id);
+    if (e != nullptr && !e->deleted) return InfoLocked(*e);
   }
   LS_ASSIGN_OR_RETURN(const AdapterPaths paths, store_->Resolve(id));
   AdapterInfo info;
@@ -1027,9 +1194,12 @@ absl::StatusOr<std::vector<AdapterInfo>> AdapterRegistry::List() const {
   std::vector<std::string> unknown;
   {
     MutexLock lock(&mu_);
-    for (const auto& [id, e] : entries_) infos.push_back(InfoLocked(*e));
+    for (const auto& [id, e] : entries_) {
+      if (!e->deleted) infos.push_back(InfoLocked(*e));
+    }
     for (std::string& id : on_disk) {
-      if (FindEntry(id) == nullptr) unknown.push_back(std::move(id));
+      const Entry* e = FindEntry(id);
+      if (e == nullptr || (e->deleted && !e->deleting)) unknown.push_back(std::move(id));
     }
   }
   for (const std::string& id : unknown) {
@@ -1070,6 +1240,120 @@ AdapterRegistryStats AdapterRegistry::Stats() const {
     }
   }
   return s;
+}
+
+absl::StatusOr<AdapterDeleteResult> AdapterRegistry::Delete(absl::string_view id, bool force,
+                                                            absl::Time deadline) {
+  LS_RETURN_IF_ERROR(ValidateAdapterId(id));
+  LS_ASSIGN_OR_RETURN(Entry * e, FindOrCreateEntry(id));
+  AdapterDeleteResult result;
+  {
+    MutexLock lock(&mu_);
+    if (!force && !e->disabled && e->failed.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter ", Quote(id),
+                       " is enabled; unload it first (UnloadAdapter) or delete with force"));
+    }
+    e->disabled = true;
+    e->admitted = false;
+    e->failed = absl::OkStatus();
+    e->ready_version.clear();
+    e->pins = 0;
+    ++e->epoch;
+    RetireCurrentLocked(e);
+    e->deleted = true;
+    e->deleting = true;  // until the directory is renamed away, below
+    result.info = InfoLocked(*e);
+    // Loads still reading the files (for requests admitted before this call) finish first, so
+    // those requests are served; they are bounded by the caller's deadline.
+    while (true) {
+      std::shared_ptr<Version> loading;
+      for (const auto& [raw, v] : others_) {
+        if (v->entry == e && v->phase == Phase::kLoading && !v->freed) loading = v;
+      }
+      if (loading == nullptr || absl::Now() >= deadline) break;
+      (void)WaitLoadedLocked(loading, deadline);
+    }
+  }
+  // Out of the id's name at once (Get, List and uploads of the id see it gone); the bytes go
+  // after the last reference.
+  auto done_deleting = [this, e] {
+    MutexLock lock(&mu_);
+    e->deleting = false;
+  };
+  const std::string path = absl::StrCat(store_->root(), "/", id);
+  std::error_code ec;
+  const auto status = std::filesystem::symlink_status(path, ec);
+  if (ec || !std::filesystem::exists(status)) {
+    done_deleting();
+    return absl::NotFoundError(
+        absl::StrCat("adapter ", Quote(id), " not found: no directory ", path));
+  }
+  if (std::filesystem::is_directory(status)) {
+    for (auto it = std::filesystem::recursive_directory_iterator(path, ec);
+         !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+      std::error_code size_ec;
+      if (it->is_regular_file(size_ec) && !it->is_symlink(size_ec)) {
+        const uintmax_t size = it->file_size(size_ec);
+        if (!size_ec) result.freed_disk_bytes += size;
+      }
+    }
+  }
+  std::random_device random;
+  const std::string trash =
+      absl::StrCat(store_->root(), "/.deleted-", id, "-", absl::Hex(random(), absl::kZeroPad8));
+  if (::rename(path.c_str(), trash.c_str()) != 0) {
+    const int err = errno;
+    done_deleting();
+    return absl::InternalError(absl::StrCat("adapter ", Quote(id), ": cannot move ", path, " to ",
+                                            trash, ": ", std::strerror(err)));
+  }
+  const int root_fd = ::open(store_->root().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (root_fd >= 0) {
+    (void)::fsync(root_fd);
+    ::close(root_fd);
+  }
+  bool remove_now = false;
+  {
+    MutexLock lock(&mu_);
+    e->deleting = false;
+    e->trash.push_back(trash);
+    remove_now = true;
+    if (e->current != nullptr && e->current->refs > 0) remove_now = false;
+    for (const auto& [raw, v] : others_) {
+      if (v->entry == e && v->refs > 0) remove_now = false;
+    }
+    if (remove_now) e->trash.clear();
+  }
+  if (remove_now) RemoveTrash({trash});
+  return result;
+}
+
+std::vector<absl::Status> AdapterRegistry::RegisterAll() {
+  std::vector<absl::Status> errors;
+  absl::StatusOr<std::vector<std::string>> ids = store_->List();
+  if (!ids.ok()) {
+    errors.push_back(ids.status());
+    return errors;
+  }
+  for (const std::string& id : *ids) {
+    absl::StatusOr<Entry*> e = FindOrCreateEntry(id);
+    if (!e.ok()) errors.push_back(e.status());
+  }
+  return errors;
+}
+
+absl::StatusOr<LoadedAdapter> AdapterRegistry::ValidateFrom(const AdapterStore& staging,
+                                                            absl::string_view id) const {
+  LoraLoadOptions load_options;
+  load_options.dtype = options_.dtype;
+  load_options.max_lora_rank = options_.max_lora_rank;
+  load_options.base_weights = base_weights_;
+  LS_ASSIGN_OR_RETURN(LoadedAdapter loaded, staging.Load(id, base_config_, load_options));
+  if (pool_->PagesFor(loaded.adapter->packed_bytes()) > pool_->num_pages()) {
+    return TooLargeStatus(std::string(id), loaded.adapter->packed_bytes());
+  }
+  return loaded;
 }
 
 void AdapterRegistry::SyncDisabledMarker(absl::string_view id) {

@@ -22,6 +22,10 @@
 //
 //   any state --Unload--> kDisabled --Load / Reload--> kOnDisk / kLoading / ...
 //
+// Testing: with LORASERVE_FAILPOINTS=adapter_load_pause=<path> in the environment when the
+// registry is created, every load waits (on its loader thread, before reading the files) while
+// <path> exists: how tests make a load block (docs/adapters.md, "Testing").
+//
 // Loading covers read, validate, convert and the copy into the pool. Old versions (after
 // Unload or Reload) are not an id's state: they live on, invisible to new requests, until their
 // last reference drops, and are listed in AdapterInfo::versions.
@@ -101,6 +105,11 @@ struct AdapterRegistryOptions {
   // replicas sharing the root start with the id disabled. A registry reads the marker when it
   // first meets an id.
   bool persist_disabled = true;
+  // --load_on_demand. True: any enabled id on disk is served when a request names it (loaded
+  // then). False: only ids an operator loaded in this process (Load, Reload, an upload with
+  // `load`, --preload_adapters) are served; Acquire of any other id is NOT_FOUND. Once loaded,
+  // an id evicted from every tier is still read back on demand: eviction is not an unload.
+  bool load_on_demand = true;
 
   absl::Status Validate() const;
 };
@@ -139,6 +148,9 @@ class AdapterRef {
 
   // Releases the hold; the ref becomes a base-model ref.
   void Reset();
+  // Adds tokens generated for this ref's request; they count as the id's tokens served when the
+  // ref drops. No lock: a plain add on the owner thread.
+  void CountTokens(uint64_t n) { tokens_ += n; }
 
   bool is_base() const { return registry_ == nullptr; }
   // Identifies the adapter version: 0 for the base model; equal for refs to the same version,
@@ -169,6 +181,9 @@ class AdapterRef {
   const LoraGroupTable* groups_ = nullptr;
   const registry_internal::LoadedInfo* info_ = nullptr;
   absl::Time wait_start_ = absl::InfinitePast();
+  // Whether dropping it counts a served request for the id (false for the admin's own refs).
+  bool count_served_ = true;
+  uint64_t tokens_ = 0;  // CountTokens, added to the id on release
 };
 
 // One live version of an id.
@@ -179,6 +194,22 @@ struct AdapterVersionInfo {
   bool in_pool = false;
   bool in_host = false;
   size_t packed_bytes = 0;
+};
+
+// The outcome of one load of an id's files (a loader thread's read, validate, convert),
+// whatever asked for it: a request, Load, Reload or Pin. Immutable once recorded.
+struct AdapterLoadRecord {
+  absl::Status status;  // OK, or the load's error (the adapter did not load)
+  std::string version;  // the version loaded; empty when the load failed
+  // The version the id was serving (or had last served, enabled) before this load, when it
+  // differs; `unchanged` when the files held that same version again.
+  std::string previous_version;
+  bool unchanged = false;
+  // Null when the files could not be read and validated; set for a load that read them but
+  // then failed (an adapter larger than the pool).
+  std::shared_ptr<const LoraAdapterReport> report;
+  double seconds = 0.0;  // wall time of the load, retries included
+  absl::Time finished_at = absl::InfinitePast();
 };
 
 // What Get / List / Load / Reload report about an id.
@@ -197,6 +228,20 @@ struct AdapterInfo {
   absl::Time loaded_at = absl::InfinitePast();
   std::shared_ptr<const LoraAdapterReport> report;  // the current version's; null if none
   std::vector<AdapterVersionInfo> versions;         // current first, then older ones in use
+  // The version of the id's last successful load in this process, kept after the version has
+  // left every tier (state kOnDisk again); empty if none.
+  std::string last_loaded_version;
+  // Requests whose reference on this id (any version) was dropped, since the registry started,
+  // and the tokens their engine counted (AdapterRef::CountTokens).
+  uint64_t requests_served = 0;
+  uint64_t tokens_served = 0;
+  // The last load of this id in this process that finished, successful or not; null if none.
+  std::shared_ptr<const AdapterLoadRecord> last_load;
+};
+
+struct AdapterDeleteResult {
+  AdapterInfo info;               // as it was just before the files were removed (disabled)
+  uint64_t freed_disk_bytes = 0;  // bytes of the files (freed now, or after the last reference)
 };
 
 struct AdapterReloadResult {
@@ -288,7 +333,25 @@ class AdapterRegistry {
   // Disables `id`: new Acquire calls get NOT_FOUND at once, its pins are dropped, and its
   // versions' memory is freed when their last reference drops (in-flight requests finish on
   // them unchanged). Idempotent. NOT_FOUND when the id is neither known nor on disk.
-  absl::Status Unload(absl::string_view id);
+  // `force` false: FAILED_PRECONDITION while the id is pinned (an operator's pin is a promise
+  // to keep it served).
+  absl::Status Unload(absl::string_view id, bool force = true);
+  // Deletes `id`: disables it as Unload does (refused with FAILED_PRECONDITION when it is enabled
+  // and `force` is false), waits (up to `deadline`) for loads of its files in progress, then
+  // renames `<root>/<id>` (the link itself when it is a symlink) out of the id namespace at once
+  // and removes it after the last reference to the id's versions drops (in-flight requests hold
+  // their weights in memory and finish). From then on the id is NOT_FOUND until a directory of
+  // that name appears again (an upload).
+  absl::StatusOr<AdapterDeleteResult> Delete(absl::string_view id, bool force,
+                                             absl::Time deadline = absl::InfiniteFuture());
+  // Meets every id in the root (the start-up registration, tier disk): reads each one's
+  // disabled marker. Ids that do not resolve (broken links, files missing) are skipped and
+  // returned with their errors.
+  std::vector<absl::Status> RegisterAll();
+  // Loads `id` from another store (an upload's staging directory) exactly as a load of this
+  // registry would (base model, dtype, rank bound, pool size), without registering anything.
+  absl::StatusOr<LoadedAdapter> ValidateFrom(const AdapterStore& staging,
+                                             absl::string_view id) const;
   // Loads the files again (enabling the id). When their version differs from the current one it
   // becomes the current version (pins follow the id) and the old one lives on while referenced;
   // when the load fails the current version stays. Waits up to `deadline`.
@@ -381,12 +444,23 @@ class AdapterRegistry {
 
   void LoaderMain() ABSL_LOCKS_EXCLUDED(mu_);
   void RunLoad(const std::shared_ptr<Version>& v) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps the outcome of a finished load of `e` as its last load (AdapterInfo::last_load).
+  void RecordLoadLocked(Entry* e, const absl::Status& status,
+                        const std::shared_ptr<const registry_internal::LoadedInfo>& info,
+                        double seconds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The adapter_load_pause failpoint (docs/adapters.md, "Testing"): when set, blocks the calling
+  // loader thread while that file exists (at most 300 s, or until the registry stops).
+  void MaybePauseLoad(const std::string& id) ABSL_LOCKS_EXCLUDED(mu_);
   void RunPlacePass() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Waits until `v` is loaded or failed (or `deadline`); the load's status.
   absl::Status WaitLoadedLocked(const std::shared_ptr<Version>& v, absl::Time deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   AdapterInfo InfoLocked(const Entry& e) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes directories that Delete renamed away (file I/O: call without mu_).
+  static void RemoveTrash(const std::vector<std::string>& dirs);
+  // Queues the entry's trash for removal once no version of it is referenced.
+  void MaybeQueueTrashLocked(Entry* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes or removes the disabled marker to match the entry's state.
   void SyncDisabledMarker(absl::string_view id) ABSL_LOCKS_EXCLUDED(mu_, marker_mu_);
 
@@ -394,6 +468,9 @@ class AdapterRegistry {
   const ModelConfig base_config_;
   const ModelWeights* const base_weights_;
   const AdapterRegistryOptions options_;
+  // From LORASERVE_FAILPOINTS, read once when the registry is created; empty (the production
+  // case) costs one emptiness check per load.
+  const std::string load_pause_file_;
 
   // Serializes writes of disabled markers (file I/O, never under mu_).
   Mutex marker_mu_ ABSL_ACQUIRED_BEFORE(mu_);
@@ -417,6 +494,8 @@ class AdapterRegistry {
   // Host copies dropped under mu_, freed by a loader thread without it (kFree).
   std::vector<std::unique_ptr<LoraAdapter>> graveyard_ ABSL_GUARDED_BY(mu_);
   bool free_queued_ ABSL_GUARDED_BY(mu_) = false;
+  // Deleted adapters' directories to remove (kFree does it, after graveyard_).
+  std::vector<std::string> trash_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_key_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t use_tick_ ABSL_GUARDED_BY(mu_) = 0;

@@ -40,6 +40,9 @@ struct Engine::Live {
   std::shared_ptr<RequestSink> sink;
   std::vector<int32_t> table;  // KV block table in the engine's cache
   bool queued = true;          // counted in num_queued_ (never admitted yet)
+  bool running = false;        // scheduled and not preempted since (else counted as waiting)
+  absl::Time submitted;        // when Submit queued it
+  absl::Time first_scheduled = absl::InfinitePast();
   int32_t num_preemptions = 0;
   int stop_string_index = -1;
 };
@@ -126,6 +129,8 @@ void Engine::Stop(absl::Time drain_deadline) {
     MutexLock l(&mu_);
     left.swap(submitted_);
     num_queued_ = 0;
+    num_waiting_ = 0;
+    waiting_adapters_.clear();
   }
   for (std::unique_ptr<Live>& live : left) {
     FinishUnstarted(*live, absl::CancelledError("engine stopped"));
@@ -190,6 +195,9 @@ absl::Status Engine::Submit(EngineRequest request, std::shared_ptr<RequestSink> 
         absl::StrCat("request queue full (", options_.max_queued_requests, " requests waiting)"));
   }
   ++num_queued_;
+  ++num_waiting_;
+  CountAdapter(waiting_adapters_, live->request.adapter.id(), 1);
+  live->submitted = absl::Now();
   submitted_.push_back(std::move(live));
   wake_.Signal();
   return absl::OkStatus();
@@ -201,7 +209,30 @@ EngineStats Engine::Stats() const {
   stats.num_queued = num_queued_;
   stats.kv_used_blocks = cache_->used_blocks();
   stats.kv_total_blocks = cache_->num_blocks();
+  stats.num_waiting = num_waiting_;
   return stats;
+}
+
+EngineAdapterSets Engine::AdapterSets() const {
+  EngineAdapterSets sets;
+  {
+    MutexLock lock(&mu_);
+    sets.running.reserve(running_adapters_.size());
+    for (const auto& [id, n] : running_adapters_) sets.running.push_back(id);
+    sets.waiting.reserve(waiting_adapters_.size());
+    for (const auto& [id, n] : waiting_adapters_) sets.waiting.push_back(id);
+  }
+  std::sort(sets.running.begin(), sets.running.end());
+  std::sort(sets.waiting.begin(), sets.waiting.end());
+  return sets;
+}
+
+void Engine::CountAdapter(absl::flat_hash_map<std::string, int32_t>& counts, const std::string& id,
+                          int32_t delta) {
+  if (id.empty()) return;
+  auto it = counts.try_emplace(id, 0).first;
+  it->second += delta;
+  if (it->second <= 0) counts.erase(it);
 }
 
 void Engine::Run() {
@@ -246,6 +277,7 @@ void Engine::AdmitSubmitted() {
     nr.adapter_key = live->request.adapter.key();
     nr.prompt_len = live->prompt_len;
     nr.max_new_tokens = static_cast<int32_t>(live->request.sampling.max_new_tokens);
+    nr.priority = live->request.priority;
     const RequestId id = live->id;
     const absl::Status added = scheduler_->Add(nr);
     live_.emplace(id, std::move(live));
@@ -260,7 +292,10 @@ void Engine::CheckCancellations(bool cancel_all) {
   for (const auto& [id, live] : live_) {
     const bool cancelled = cancel_all || (live->request.cancelled != nullptr &&
                                           live->request.cancelled->load(std::memory_order_acquire));
-    if (cancelled || now >= live->request.deadline) scratch_ids_.push_back(id);
+    if (cancelled || now >= live->request.deadline ||
+        (live->queued && now >= live->request.queue_deadline)) {
+      scratch_ids_.push_back(id);
+    }
   }
   for (RequestId id : scratch_ids_) {
     auto it = live_.find(id);
@@ -269,9 +304,18 @@ void Engine::CheckCancellations(bool cancel_all) {
     if (cancelled) {
       Finish(id, EngineFinishReason::kCancelled,
              absl::CancelledError(cancel_all ? "engine stopped" : "request cancelled"), true);
-    } else {
+    } else if (now >= it->second->request.deadline) {
       Finish(id, EngineFinishReason::kDeadline,
              absl::DeadlineExceededError("request deadline exceeded"), true);
+    } else {
+      const Live& live = *it->second;
+      Finish(id, EngineFinishReason::kError,
+             absl::ResourceExhaustedError(
+                 absl::StrCat("the request waited ", absl::FormatDuration(now - live.submitted),
+                              " without being scheduled, past its max_queue_seconds (",
+                              absl::FormatDuration(live.request.queue_deadline - live.submitted),
+                              "); the server is saturated: retry later or on another replica")),
+             true);
     }
   }
 }
@@ -319,16 +363,35 @@ bool Engine::Step() {
     cache_->Free(&live.table);
     ++live.num_preemptions;
   }
+  const absl::Time now = plan.admitted.empty() ? absl::InfinitePast() : absl::Now();
   for (RequestId id : plan.admitted) {
     Live& live = *live_.at(id);
     if (live.queued) {
       live.queued = false;
+      live.first_scheduled = now;
       ++newly_running;
     }
   }
   {
     MutexLock lock(&mu_);
     num_queued_ -= newly_running;
+    // Preempted first: a request preempted and admitted again in one step ends up running.
+    for (RequestId id : plan.preempted) {
+      Live& live = *live_.at(id);
+      if (!live.running) continue;
+      live.running = false;
+      ++num_waiting_;
+      CountAdapter(running_adapters_, live.request.adapter.id(), -1);
+      CountAdapter(waiting_adapters_, live.request.adapter.id(), 1);
+    }
+    for (RequestId id : plan.admitted) {
+      Live& live = *live_.at(id);
+      if (live.running) continue;
+      live.running = true;
+      --num_waiting_;
+      CountAdapter(waiting_adapters_, live.request.adapter.id(), -1);
+      CountAdapter(running_adapters_, live.request.adapter.id(), 1);
+    }
     stats_.preemptions += plan.preempted.size();
     stats_.num_running = scheduler_->num_running();
     stats_.num_in_flight = static_cast<int64_t>(live_.size());
@@ -411,7 +474,7 @@ bool Engine::Step() {
     live.tokens.push_back(token);
     StreamChunk chunk;
     if (live.streamer.has_value()) chunk = live.streamer->Step(token);
-    live.sink->OnTokens(absl::MakeConstSpan(&token, 1), chunk.text);
+    live.sink->OnTokens(absl::MakeConstSpan(&token, 1), chunk.text, &*result);
     if (chunk.stopped) {
       live.stop_string_index = chunk.stop_index;
       endings.push_back({seq.id, EngineFinishReason::kStop, absl::OkStatus()});
@@ -432,6 +495,22 @@ bool Engine::Step() {
   MutexLock lock(&mu_);
   ++stats_.steps;
   stats_.tokens_generated += sampled;
+  stats_.rows_prefill += static_cast<uint64_t>(plan.num_rows_prefill);
+  stats_.rows_decode += static_cast<uint64_t>(plan.num_rows_decode);
+  int bucket = 0;
+  while (bucket < EngineStats::kNumStepRowsBuckets &&
+         plan.num_rows > EngineStats::kStepRowsBounds[bucket]) {
+    ++bucket;
+  }
+  ++stats_.step_rows_buckets[bucket];
+  stats_.step_rows_sum += static_cast<uint64_t>(plan.num_rows);
+  bucket = 0;
+  while (bucket < EngineStats::kNumStepAdaptersBuckets &&
+         plan.num_adapters > EngineStats::kStepAdaptersBounds[bucket]) {
+    ++bucket;
+  }
+  ++stats_.step_adapters_buckets[bucket];
+  stats_.step_adapters_sum += static_cast<uint64_t>(plan.num_adapters);
   stats_.num_running = scheduler_->num_running();
   stats_.num_in_flight = static_cast<int64_t>(live_.size());
   return true;
@@ -454,6 +533,12 @@ void Engine::Finish(RequestId id, EngineFinishReason reason, absl::Status status
   {
     MutexLock lock(&mu_);
     if (live->queued) --num_queued_;
+    if (live->running) {
+      CountAdapter(running_adapters_, live->request.adapter.id(), -1);
+    } else {
+      --num_waiting_;
+      CountAdapter(waiting_adapters_, live->request.adapter.id(), -1);
+    }
     stats_.num_running = scheduler_->num_running();
     stats_.num_in_flight = static_cast<int64_t>(live_.size());
   }
@@ -462,7 +547,7 @@ void Engine::Finish(RequestId id, EngineFinishReason reason, absl::Status status
   if (live->streamer.has_value() && !live->streamer->stopped() &&
       reason != EngineFinishReason::kError) {
     StreamChunk chunk = live->streamer->Finish();
-    if (!chunk.text.empty()) live->sink->OnTokens({}, chunk.text);
+    if (!chunk.text.empty()) live->sink->OnTokens({}, chunk.text, nullptr);
     if (chunk.stopped &&
         (reason == EngineFinishReason::kEos || reason == EngineFinishReason::kLength)) {
       reason = EngineFinishReason::kStop;
@@ -477,9 +562,13 @@ void Engine::Finish(RequestId id, EngineFinishReason reason, absl::Status status
   result.usage.num_preemptions = live->num_preemptions;
   result.stop_string_index = live->stop_string_index;
   result.adapter_id = live->request.adapter.id();
+  if (live->first_scheduled != absl::InfinitePast()) {
+    result.queue_time = live->first_scheduled - live->submitted;
+  }
   if (live->request.adapter.resident() && !live->request.adapter.is_base()) {
     result.adapter_version = live->request.adapter.version();
   }
+  live->request.adapter.CountTokens(static_cast<uint64_t>(result.usage.completion_tokens));
   live->request.adapter.Reset();
   live->sink->OnFinish(result);
 }

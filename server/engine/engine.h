@@ -19,9 +19,9 @@
 //   7. finish requests (EOS, stop token, stop string, max tokens), CommitStep.
 // A finished request's KV blocks are freed and its AdapterRef dropped before OnFinish runs.
 //
-// Thread safety: Submit, Stop, Stats and the destructor may be called from any thread. Sinks
-// are called on the engine thread only (or, for requests that never ran, on the thread calling
-// Stop or the destructor), never with an engine lock held; they must not block for long.
+// Thread safety: Submit, Stop, Stats, AdapterSets and the destructor may be called from any thread.
+// Sinks are called on the engine thread only (or, for requests that never ran, on the thread
+// calling Stop or the destructor), never with an engine lock held; they must not block for long.
 #ifndef LORASERVE_SERVER_ENGINE_ENGINE_H_
 #define LORASERVE_SERVER_ENGINE_ENGINE_H_
 
@@ -89,16 +89,22 @@ struct EngineResult {
   int stop_string_index = -1;   // kStop by a stop string: its index in the request's list.
   std::string adapter_id;       // "" for the base model.
   std::string adapter_version;  // empty for the base model or when never resident.
+  // From Submit to the first step that scheduled the request (its first admission; a
+  // preemption does not count again); InfiniteDuration when it never ran.
+  absl::Duration queue_time = absl::InfiniteDuration();
 };
 
 // Receives one request's output. OnTokens runs once per sampled token (ids has one entry),
 // with the text that became safe to send (complete UTF-8 with stop strings held back; empty
 // without a Detokenizer), and possibly once more with no ids and the final flushed text. Then
-// OnFinish runs exactly once. Both run on the engine thread (see the file comment).
+// OnFinish runs exactly once. Both run on the engine thread (see the file comment). `sample` is
+// the sampled token's result (logprob, rank, alternatives when the request asked for them) with
+// the token, and null on the final flush.
 class RequestSink {
  public:
   virtual ~RequestSink() = default;
-  virtual void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) = 0;
+  virtual void OnTokens(absl::Span<const int32_t> ids, absl::string_view text,
+                        const SampleResult* sample) = 0;
   virtual void OnFinish(const EngineResult& result) = 0;
 };
 
@@ -111,6 +117,11 @@ struct EngineRequest {
   bool skip_special_tokens = true;        // For the streamed text.
   AdapterRef adapter;                     // Base model when empty; released when finished.
   absl::Time deadline = absl::InfiniteFuture();
+  // A request not yet admitted by then (waiting for KV room, a running slot or its adapter)
+  // ends with RESOURCE_EXHAUSTED (max_queue_seconds). Once it has run a step it no longer applies.
+  absl::Time queue_deadline = absl::InfiniteFuture();
+  // Admission order among waiting requests: higher first (docs/scheduler.md, "Priority").
+  int32_t priority = 0;
   // Set by the caller (any thread) to cancel; checked at every step boundary. May be null.
   std::shared_ptr<std::atomic<bool>> cancelled;
 };
@@ -118,12 +129,40 @@ struct EngineRequest {
 struct EngineStats {
   int64_t num_queued = 0;   // submitted, not yet admitted for the first time
   int64_t num_running = 0;  // in the scheduler, running
+  // Submitted and not running now: never admitted, preempted, or waiting for an adapter.
+  int64_t num_waiting = 0;
   int64_t num_in_flight = 0;
   uint64_t steps = 0;
   uint64_t tokens_generated = 0;
   uint64_t preemptions = 0;
+  // Rows fed to the model: prefill rows (prompt chunks, and the context a preempted request
+  // recomputes) and decode rows.
+  uint64_t rows_prefill = 0;
+  uint64_t rows_decode = 0;
   int32_t kv_used_blocks = 0;
   int32_t kv_total_blocks = 0;
+
+  // Per-step distributions for metrics: counts per bucket (a step counts in the first bucket
+  // whose bound is >= its value; the last bucket is +Inf), and the sum of the values.
+  // Rows (tokens) per step.
+  static constexpr int kNumStepRowsBuckets = 13;
+  static constexpr double kStepRowsBounds[kNumStepRowsBuckets] = {
+      1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
+  uint64_t step_rows_buckets[kNumStepRowsBuckets + 1] = {};
+  uint64_t step_rows_sum = 0;
+  // Distinct adapters (versions, the base model not counted) per step.
+  static constexpr int kNumStepAdaptersBuckets = 11;
+  static constexpr double kStepAdaptersBounds[kNumStepAdaptersBuckets] = {0, 1, 2,  3,  4, 5,
+                                                                          6, 8, 16, 32, 64};
+  uint64_t step_adapters_buckets[kNumStepAdaptersBuckets + 1] = {};
+  uint64_t step_adapters_sum = 0;
+};
+
+// The adapter ids of the requests in flight, each sorted and without duplicates; the base
+// model is not listed. For the vllm:lora_requests_info gauge.
+struct EngineAdapterSets {
+  std::vector<std::string> running;  // ids with a running request
+  std::vector<std::string> waiting;  // ids with a request not running now (see num_waiting)
 };
 
 class Engine {
@@ -160,6 +199,8 @@ class Engine {
   absl::Status Submit(EngineRequest request, std::shared_ptr<RequestSink> sink);
 
   EngineStats Stats() const;
+  // Any thread; allocates the answer (for scrapes, not for the step path).
+  EngineAdapterSets AdapterSets() const;
 
  private:
   struct Live;
@@ -179,6 +220,10 @@ class Engine {
   // it from the Scheduler (false when CommitStep retired it).
   void Finish(RequestId id, EngineFinishReason reason, absl::Status status, bool in_scheduler);
   static void FinishUnstarted(Live& live, absl::Status status);
+  // Adds `delta` to `id`'s count in `counts` (one of the adapter maps; the base model, "", is
+  // not counted), erasing it at zero. Call with mu_ held.
+  static void CountAdapter(absl::flat_hash_map<std::string, int32_t>& counts, const std::string& id,
+                           int32_t delta);
 
   const EngineOptions options_;
   LlamaModel* const model_;
@@ -196,6 +241,13 @@ class Engine {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   EngineStats stats_ ABSL_GUARDED_BY(mu_);
+  // Requests not running (num_waiting) and, per adapter id, the requests in flight that are
+  // running / not running. Updated only when a request changes state (submitted, admitted,
+  // preempted, finished), so a steady decode step does not touch them; an id's entry is
+  // erased when its count drops to zero.
+  int64_t num_waiting_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_map<std::string, int32_t> running_adapters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int32_t> waiting_adapters_ ABSL_GUARDED_BY(mu_);
 
   Mutex thread_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // Serializes Start / Stop.
   std::thread thread_;

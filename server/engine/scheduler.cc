@@ -63,6 +63,7 @@ absl::Status Scheduler::Add(const NewRequest& request) {
   r.adapter_key = request.adapter_key;
   r.prompt_len = request.prompt_len;
   r.max_new_tokens = request.max_new_tokens;
+  r.priority = request.priority;
   auto [it, inserted] = requests_.emplace(r.id, r);
   (void)inserted;
   EnqueueWaiting(it->second);
@@ -71,10 +72,13 @@ absl::Status Scheduler::Add(const NewRequest& request) {
 
 void Scheduler::EnqueueWaiting(const RequestView& r) {
   std::deque<RequestId>& q = waiting_[r.adapter_key];
-  // Preempted requests go back in arrival order (usually the front).
-  auto pos = std::upper_bound(
-      q.begin(), q.end(), r.arrival,
-      [this](uint64_t arrival, RequestId id) { return arrival < requests_.at(id).arrival; });
+  // Higher priority first, then arrival order (a preempted request goes back in its old place,
+  // usually the front).
+  auto pos = std::upper_bound(q.begin(), q.end(), r, [this](const RequestView& a, RequestId id) {
+    const RequestView& b = requests_.at(id);
+    if (a.priority != b.priority) return a.priority > b.priority;
+    return a.arrival < b.arrival;
+  });
   q.insert(pos, r.id);
   ++num_waiting_;
 }
@@ -243,8 +247,26 @@ const StepPlan& Scheduler::Schedule(absl::FunctionRef<bool(AdapterKey)> is_resid
   // Under KV pressure (someone was preempted this step) admit nothing: the freed blocks are for
   // the older running requests, and a preempted request never comes back in the same step.
   bool exhausted = !plan_.preempted.empty();
+  // A key may admit now: not draining, and under the cap or already active.
+  const auto may_admit = [&](AdapterKey key) {
+    if (has_draining && key == draining) return false;
+    const bool is_new_key = key != kBaseAdapterKey && active_since_.count(key) == 0;
+    return !(is_new_key && active_since_.size() >= cap);
+  };
   while (progressed && !exhausted) {
     progressed = false;
+    // Priority: each round admits only from the keys whose oldest waiting request has the top
+    // priority among the keys that may admit; lower priorities get the rounds after those run dry.
+    bool any = false;
+    int32_t top = 0;
+    for (AdapterKey key : scratch_keys_) {
+      auto q = waiting_.find(key);
+      if (q == waiting_.end() || !may_admit(key)) continue;
+      const int32_t p = requests_.at(q->second.front()).priority;
+      top = any ? std::max(top, p) : p;
+      any = true;
+    }
+    if (!any) break;
     for (AdapterKey key : scratch_keys_) {
       if (static_cast<int32_t>(running_.size()) >= max_running_ ||
           plan_.num_rows >= config_.max_step_tokens || num_free_blocks_ <= 0) {
@@ -256,6 +278,7 @@ const StepPlan& Scheduler::Schedule(absl::FunctionRef<bool(AdapterKey)> is_resid
       if (is_new_key && active_since_.size() >= cap) continue;
       auto q = waiting_.find(key);
       if (q == waiting_.end()) continue;
+      if (requests_.at(q->second.front()).priority != top) continue;
       RequestView& r = requests_.at(q->second.front());
       q->second.pop_front();
       if (q->second.empty()) waiting_.erase(q);

@@ -55,6 +55,8 @@ struct NewRequest {
   AdapterKey adapter_key = kBaseAdapterKey;
   int32_t prompt_len = 0;
   int32_t max_new_tokens = 0;
+  // Admission order: higher first (docs/scheduler.md, "Priority"). Never preempts.
+  int32_t priority = 0;
 };
 
 enum class RequestState { kWaiting, kRunning };
@@ -66,6 +68,7 @@ struct RequestView {
   AdapterKey adapter_key = kBaseAdapterKey;
   int32_t prompt_len = 0;
   int32_t max_new_tokens = 0;
+  int32_t priority = 0;
   int32_t generated = 0;  // Kept across preemption; re-prefilled as context.
   int32_t computed = 0;   // Tokens in KV.
   int32_t blocks = 0;     // KV blocks held.

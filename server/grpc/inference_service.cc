@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -133,6 +134,27 @@ void FillKvCacheInfo(const KvCache& kv, v1::KvCacheInfo* out) {
   out->set_usage_ratio(static_cast<double>(used) / kv.num_blocks());
 }
 
+// The pool and host cache as the registry counts them now. The per-state adapter counts need
+// a listing of the root and are left to ListAdapters.
+void FillAdapterPoolInfo(const AdapterRegistry& registry, const ServerOptions& options,
+                         v1::AdapterPoolInfo* out) {
+  const AdapterRegistryStats s = registry.Stats();
+  out->set_pool_total_bytes(s.pool_capacity_bytes);
+  out->set_pool_used_bytes(s.pool_used_pages_bytes);
+  out->set_page_bytes(s.pool_page_bytes);
+  if (s.pool_page_bytes > 0) {
+    out->set_total_pages(static_cast<uint32_t>(s.pool_capacity_bytes / s.pool_page_bytes));
+    out->set_used_pages(static_cast<uint32_t>(s.pool_used_pages_bytes / s.pool_page_bytes));
+  }
+  out->set_dtype(ToProtoDType(registry.options().dtype));
+  out->set_max_lora_rank(static_cast<uint32_t>(options.max_lora_rank));
+  out->set_max_loras_per_step(static_cast<uint32_t>(options.max_loras_per_step));
+  out->set_host_cache_total_bytes(s.host_cache_capacity_bytes);
+  out->set_host_cache_used_bytes(s.host_bytes);
+  out->set_num_adapters_pinned(static_cast<uint32_t>(s.pinned_ids));
+  out->set_num_adapter_references(static_cast<uint32_t>(s.refs));
+}
+
 void FillBackendInfo(const ServerState& state, v1::BackendInfo* out) {
   if (state.options().backend == BackendKind::kCuda && !state.cuda_devices().empty()) {
     const CudaDeviceInfo& d = state.cuda_devices().front();
@@ -199,8 +221,41 @@ struct PreparedGenerate {
   std::vector<std::string> stop_strings;
   bool return_token_ids = false;
   bool return_prompt_token_ids = false;
+  bool include_stop_string = false;  // stopping.include_stop_string_in_output
+  // Pieces and bytes of logprob entries; null without a tokenizer (entries then carry ids only).
+  const Detokenizer* detokenizer = nullptr;
   absl::Time arrival;
+  Metrics* metrics = nullptr;  // null: nothing is recorded
 };
+
+// The text a request's output ends with: the matched stop string when the request asked to
+// keep it (the streamed text stops right before the match), else nothing.
+absl::string_view KeptStopString(const EngineResult& result, bool include,
+                                 const std::vector<std::string>& stop_strings) {
+  if (!include || result.reason != EngineFinishReason::kStop || result.stop_string_index < 0 ||
+      static_cast<size_t>(result.stop_string_index) >= stop_strings.size()) {
+    return {};
+  }
+  return stop_strings[static_cast<size_t>(result.stop_string_index)];
+}
+
+// One generated position's logprobs as the API reports them.
+void FillPositionLogprobs(const SampleResult& sample, const Detokenizer* detokenizer,
+                          v1::PositionLogprobs* out) {
+  const auto fill = [detokenizer](int32_t id, float logprob, v1::TokenLogprob* t) {
+    t->set_token_id(static_cast<uint32_t>(id));
+    t->set_logprob(logprob);
+    if (detokenizer != nullptr) {
+      t->set_piece(detokenizer->TokenPiece(id));
+      t->set_decoded(detokenizer->TokenBytes(id));
+    }
+  };
+  fill(sample.token_id, sample.logprob, out->mutable_token());
+  out->set_rank(static_cast<uint32_t>(sample.rank));
+  for (const TokenLogprob& alt : sample.top_logprobs()) {
+    fill(alt.token_id, alt.logprob, out->add_top());
+  }
+}
 
 absl::Status Unimplemented(absl::string_view field) {
   return absl::UnimplementedError(absl::StrCat(field, " is not implemented in loraserve ", kVersion,
@@ -276,16 +331,27 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
     }
     return Unimplemented("adapter_version");
   }
-  if (request.priority() != 0) return Unimplemented("priority");
-  if (request.has_max_queue_seconds()) return Unimplemented("max_queue_seconds");
+  if (request.priority() < -100 || request.priority() > 100) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("priority must be in [-100, 100], found ", request.priority()));
+  }
+  out->engine.priority = request.priority();
+  double max_queue_seconds = state.options().default_max_queue_seconds;  // 0: no limit
+  if (request.has_max_queue_seconds()) {
+    const double asked = request.max_queue_seconds();
+    if (!(asked > 0) || !std::isfinite(asked)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("max_queue_seconds must be finite and > 0, found ", asked));
+    }
+    max_queue_seconds = max_queue_seconds > 0 ? std::min(max_queue_seconds, asked) : asked;
+  }
+  if (max_queue_seconds > 0) {
+    out->engine.queue_deadline = out->arrival + absl::Seconds(max_queue_seconds);
+  }
   const v1::OutputOptions& output = request.output();
-  if (output.logprobs()) return Unimplemented("output.logprobs");
-  if (output.top_logprobs() != 0) return Unimplemented("output.top_logprobs");
   if (output.prompt_logprobs()) return Unimplemented("output.prompt_logprobs");
   const v1::StoppingCriteria& stopping = request.stopping();
-  if (stopping.include_stop_string_in_output()) {
-    return Unimplemented("stopping.include_stop_string_in_output");
-  }
+  out->include_stop_string = stopping.include_stop_string_in_output();
 
   // Sampling and stopping.
   SamplingParams& p = out->engine.sampling;
@@ -298,6 +364,10 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
   p.presence_penalty = sp.presence_penalty();
   p.frequency_penalty = sp.frequency_penalty();
   p.seed = sp.has_seed() ? sp.seed() : RandomU64();
+  // Range checked with the other sampling parameters (ValidateSamplingParams).
+  p.logprobs = output.logprobs() || output.top_logprobs() > 0;
+  p.top_logprobs = output.top_logprobs();
+  if (m->tokenizer != nullptr) out->detokenizer = &m->tokenizer->detokenizer();
   if (static_cast<size_t>(sp.logit_bias_size()) > kMaxLogitBiasEntries) {
     return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias has ", sp.logit_bias_size(),
                                                    " entries; at most ", kMaxLogitBiasEntries));
@@ -366,11 +436,16 @@ absl::Status PrepareGenerate(const ServerState& state, const v1::GenerateRequest
                                               "\": no such adapter (the server has no "
                                               "--adapter_root and serves the base model only)"));
     }
+    // Where the adapter is before this request asks for it (Acquire may start its load): a
+    // cache hit or miss, counted once the reference is taken.
+    absl::StatusOr<AdapterInfo> before = absl::UnknownError("not looked up");
+    if (out->metrics != nullptr) before = m->adapters->Get(out->adapter_id);
     auto ref = m->adapters->Acquire(out->adapter_id);
     if (!ref.ok()) {
       return absl::Status(ref.status().code(), absl::StrCat("adapter_id \"", out->adapter_id,
                                                             "\": ", ref.status().message()));
     }
+    if (before.ok()) out->metrics->RecordAdapterLookup(before->in_pool, before->in_host);
     out->engine.adapter = std::move(*ref);
   }
   return absl::OkStatus();
@@ -402,12 +477,48 @@ grpc::Status ResultStatus(const EngineResult& result, bool client_cancelled) {
 struct FinalTracker {
   absl::Time arrival;
   absl::Time first_token = absl::InfinitePast();
+  absl::Time last_token_time = absl::InfinitePast();
   int32_t last_token = -1;
+  Metrics* metrics = nullptr;
+  absl::Time deadline = absl::InfiniteFuture();
 
   void OnIds(absl::Span<const int32_t> ids) {
     if (ids.empty()) return;
-    if (first_token == absl::InfinitePast()) first_token = absl::Now();
+    const absl::Time now = absl::Now();
+    if (first_token == absl::InfinitePast()) {
+      first_token = now;
+    } else if (metrics != nullptr) {
+      metrics->ObserveInterTokenLatency(absl::ToDoubleSeconds(now - last_token_time));
+    }
+    last_token_time = now;
     last_token = ids.back();
+  }
+
+  // Records the ended request in the metrics.
+  void Record(const EngineResult& result, const grpc::Status& status) const {
+    if (metrics == nullptr) return;
+    GenerationRecord r;
+    r.grpc_code = static_cast<int>(status.error_code());
+    r.finished_reason = EngineFinishReasonName(result.reason);
+    const absl::Time now = absl::Now();
+    // gRPC cancels a call whose deadline passed before the engine's own check can see it: the
+    // client gets DEADLINE_EXCEEDED, and so does the metric. The client's cancel at its own
+    // deadline can arrive a little before the server's (which counts from the call's arrival).
+    if (status.error_code() == grpc::StatusCode::CANCELLED &&
+        now >= deadline - absl::Milliseconds(100)) {
+      r.grpc_code = static_cast<int>(grpc::StatusCode::DEADLINE_EXCEEDED);
+      r.finished_reason = EngineFinishReasonName(EngineFinishReason::kDeadline);
+    }
+    r.e2e_seconds = absl::ToDoubleSeconds(now - arrival);
+    if (first_token != absl::InfinitePast()) {
+      r.ttft_seconds = absl::ToDoubleSeconds(first_token - arrival);
+    }
+    if (result.queue_time != absl::InfiniteDuration()) {
+      r.queue_seconds = absl::ToDoubleSeconds(result.queue_time);
+    }
+    r.prompt_tokens = result.usage.prompt_tokens;
+    r.generation_tokens = result.usage.completion_tokens;
+    metrics->RecordGeneration(r);
   }
 
   // Fills finish_reason, stop_match, usage and timings of a GenerateResponse or GenerateChunk.
@@ -473,21 +584,33 @@ class UnarySink final : public RequestSink {
         response_(response),
         cancelled_(prepared.engine.cancelled),
         return_token_ids_(prepared.return_token_ids),
+        logprobs_(prepared.engine.sampling.logprobs),
+        include_stop_string_(prepared.include_stop_string),
+        detokenizer_(prepared.detokenizer),
         stop_strings_(prepared.stop_strings) {
     tracker_.arrival = prepared.arrival;
+    tracker_.metrics = prepared.metrics;
+    tracker_.deadline = prepared.engine.deadline;
   }
 
-  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) override {
+  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text,
+                const SampleResult* sample) override {
     tracker_.OnIds(ids);
     response_->mutable_text()->append(text.data(), text.size());
     if (return_token_ids_) {
       for (int32_t id : ids) response_->add_token_ids(static_cast<uint32_t>(id));
     }
+    if (logprobs_ && sample != nullptr) {
+      FillPositionLogprobs(*sample, detokenizer_, response_->add_logprobs());
+    }
   }
 
   void OnFinish(const EngineResult& result) override {
     const grpc::Status status = ResultStatus(result, cancelled_->load());
+    tracker_.Record(result, status);
     if (status.ok()) {
+      const absl::string_view kept = KeptStopString(result, include_stop_string_, stop_strings_);
+      response_->mutable_text()->append(kept.data(), kept.size());
       response_->mutable_adapter()->set_id(result.adapter_id);
       response_->mutable_adapter()->set_version(result.adapter_version);
       tracker_.Fill(result, stop_strings_, response_);
@@ -500,6 +623,9 @@ class UnarySink final : public RequestSink {
   v1::GenerateResponse* const response_;
   const std::shared_ptr<std::atomic<bool>> cancelled_;
   const bool return_token_ids_;
+  const bool logprobs_;
+  const bool include_stop_string_;
+  const Detokenizer* const detokenizer_;
   const std::vector<std::string> stop_strings_;
   FinalTracker tracker_;
 };
@@ -538,6 +664,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
         v1::GenerateChunk& back = queue_.back();
         back.mutable_text()->append(chunk.text());
         back.mutable_token_ids()->MergeFrom(chunk.token_ids());
+        back.mutable_logprobs()->MergeFrom(chunk.logprobs());
       } else {
         queue_.push_back(std::move(chunk));
         back_mergeable_ = mergeable;
@@ -649,30 +776,41 @@ class StreamSink final : public RequestSink {
         cancelled_(reactor->cancelled()),
         request_id_(prepared.request_id),
         return_token_ids_(prepared.return_token_ids),
+        logprobs_(prepared.engine.sampling.logprobs),
+        include_stop_string_(prepared.include_stop_string),
+        detokenizer_(prepared.detokenizer),
         stop_strings_(prepared.stop_strings) {
     tracker_.arrival = prepared.arrival;
+    tracker_.metrics = prepared.metrics;
+    tracker_.deadline = prepared.engine.deadline;
   }
 
-  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) override {
+  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text,
+                const SampleResult* sample) override {
     tracker_.OnIds(ids);
     const bool send_ids = return_token_ids_ && !ids.empty();
-    if (text.empty() && !send_ids) return;  // nothing the client asked for
+    const bool send_logprobs = logprobs_ && sample != nullptr;
+    if (text.empty() && !send_ids && !send_logprobs) return;  // nothing the client asked for
     v1::GenerateChunk chunk;
     chunk.set_request_id(request_id_);
     chunk.set_text(std::string(text));
     if (send_ids) {
       for (int32_t id : ids) chunk.add_token_ids(static_cast<uint32_t>(id));
     }
+    if (send_logprobs) FillPositionLogprobs(*sample, detokenizer_, chunk.add_logprobs());
     std::lock_guard<std::mutex> lock(link_->mu);
     if (link_->reactor != nullptr) link_->reactor->Enqueue(std::move(chunk), true);
   }
 
   void OnFinish(const EngineResult& result) override {
     grpc::Status status = ResultStatus(result, cancelled_->load());
+    tracker_.Record(result, status);
     std::optional<v1::GenerateChunk> final_chunk;
     if (status.ok()) {
       final_chunk.emplace();
       final_chunk->set_request_id(request_id_);
+      final_chunk->set_text(
+          std::string(KeptStopString(result, include_stop_string_, stop_strings_)));
       // The version that served the request (the header may predate its load).
       final_chunk->mutable_adapter()->set_id(result.adapter_id);
       final_chunk->mutable_adapter()->set_version(result.adapter_version);
@@ -689,6 +827,9 @@ class StreamSink final : public RequestSink {
   const std::shared_ptr<std::atomic<bool>> cancelled_;
   const std::string request_id_;
   const bool return_token_ids_;
+  const bool logprobs_;
+  const bool include_stop_string_;
+  const Detokenizer* const detokenizer_;
   const std::vector<std::string> stop_strings_;
   FinalTracker tracker_;
 };
@@ -709,6 +850,16 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
   return absl::FromChrono(deadline);
 }
 
+// A generation request refused before reaching the engine.
+void RecordRejected(Metrics* metrics, const grpc::Status& status, absl::Time arrival) {
+  if (metrics == nullptr) return;
+  GenerationRecord r;
+  r.grpc_code = static_cast<int>(status.error_code());
+  r.finished_reason = "rejected";
+  r.e2e_seconds = absl::ToDoubleSeconds(absl::Now() - arrival);
+  metrics->RecordGeneration(r);
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext* context,
@@ -716,16 +867,26 @@ grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext
                                                      v1::GenerateResponse* response) {
   const absl::Time arrival = absl::Now();
   DrainGate::Ticket ticket = gate_->Enter();
-  if (!ticket) return FinishUnary(context, DrainingStatus());
+  if (!ticket) {
+    RecordRejected(metrics_, DrainingStatus(), arrival);
+    return FinishUnary(context, DrainingStatus());
+  }
   auto cancelled = std::make_shared<std::atomic<bool>>(false);
   auto* reactor = new GenerateUnaryReactor(std::move(ticket), cancelled);
   PreparedGenerate prepared;
   prepared.arrival = arrival;
+  prepared.metrics = metrics_;
   absl::Status status = SetRequestId(context, *request, &prepared);
+  // The caller's key must allow the adapter; checked before the adapter is looked up, so a
+  // refusal never tells whether it exists.
+  if (status.ok()) {
+    status = FromGrpcStatus(auth_->CheckInference(*context, request->adapter_id(), nullptr));
+  }
   if (status.ok()) {
     status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
   }
   if (!status.ok()) {
+    RecordRejected(metrics_, ToGrpcStatus(status), arrival);
     reactor->Finish(ToGrpcStatus(status));
     return reactor;
   }
@@ -738,7 +899,10 @@ grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext
   auto sink = std::make_shared<UnarySink>(reactor, response, prepared);
   status = state_->engine()->Submit(std::move(prepared.engine), std::move(sink));
   // On error the sink was never called and is dropped: the reply is ours to send.
-  if (!status.ok()) reactor->Finish(ToGrpcStatus(status));
+  if (!status.ok()) {
+    RecordRejected(metrics_, ToGrpcStatus(status), arrival);
+    reactor->Finish(ToGrpcStatus(status));
+  }
   return reactor;
 }
 
@@ -746,16 +910,26 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* InferenceService::GenerateStream(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   const absl::Time arrival = absl::Now();
   DrainGate::Ticket ticket = gate_->Enter();
-  if (!ticket) return new FinishedWriteReactor<v1::GenerateChunk>(DrainingStatus());
+  if (!ticket) {
+    RecordRejected(metrics_, DrainingStatus(), arrival);
+    return new FinishedWriteReactor<v1::GenerateChunk>(DrainingStatus());
+  }
   auto cancelled = std::make_shared<std::atomic<bool>>(false);
   auto* reactor = new GenerateStreamReactor(std::move(ticket), cancelled);
   PreparedGenerate prepared;
   prepared.arrival = arrival;
+  prepared.metrics = metrics_;
   absl::Status status = SetRequestId(context, *request, &prepared);
+  // The caller's key must allow the adapter; checked before the adapter is looked up, so a
+  // refusal never tells whether it exists.
+  if (status.ok()) {
+    status = FromGrpcStatus(auth_->CheckInference(*context, request->adapter_id(), nullptr));
+  }
   if (status.ok()) {
     status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
   }
   if (!status.ok()) {
+    RecordRejected(metrics_, ToGrpcStatus(status), arrival);
     reactor->Refuse(ToGrpcStatus(status));
     return reactor;
   }
@@ -780,6 +954,7 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* InferenceService::GenerateStream(
   auto sink = std::make_shared<StreamSink>(reactor, prepared);
   status = state_->engine()->Submit(std::move(prepared.engine), std::move(sink));
   if (!status.ok()) {
+    RecordRejected(metrics_, ToGrpcStatus(status), arrival);
     reactor->Refuse(ToGrpcStatus(status));
   } else {
     reactor->Accept();
@@ -805,6 +980,9 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
                                                      v1::TokenizeResponse* response) {
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return FinishUnary(context, DrainingStatus());
+  if (grpc::Status allowed = auth_->CheckInferenceCaller(*context, nullptr); !allowed.ok()) {
+    return FinishUnary(context, allowed);
+  }
   auto tokenizer = TokenizerFor("Tokenize");
   if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
   if (request->text().size() > kMaxTokenizeTextBytes) {
@@ -843,6 +1021,9 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
                                                        v1::DetokenizeResponse* response) {
   DrainGate::Ticket ticket = gate_->Enter();
   if (!ticket) return FinishUnary(context, DrainingStatus());
+  if (grpc::Status allowed = auth_->CheckInferenceCaller(*context, nullptr); !allowed.ok()) {
+    return FinishUnary(context, allowed);
+  }
   auto tokenizer = TokenizerFor("Detokenize");
   if (!tokenizer.ok()) return FinishUnary(context, ToGrpcStatus(tokenizer.status()));
   if (request->token_ids_size() > kMaxDetokenizeIds) {
@@ -872,6 +1053,9 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const v1::GetModelInfoRequest*,
                                                          v1::GetModelInfoResponse* response) {
+  if (grpc::Status allowed = auth_->CheckInferenceCaller(*context, nullptr); !allowed.ok()) {
+    return FinishUnary(context, allowed);
+  }
   // Answers in every state, draining included, so operators can watch a drain.
   FillServerInfo(*state_, response->mutable_server());
   response->mutable_server()->set_state(gate_->draining() ? v1::SERVER_STATE_DRAINING
@@ -883,15 +1067,20 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
     FillTokenizerInfo(*m, response->mutable_tokenizer());
     FillKvCacheInfo(*m->kv_cache, response->mutable_kv_cache());
   }
-  response->mutable_adapter_pool();
+  v1::AdapterPoolInfo* pool = response->mutable_adapter_pool();
+  if (const LoadedModel* m = state_->model(); m != nullptr && m->adapters != nullptr) {
+    FillAdapterPoolInfo(*m->adapters, state_->options(), pool);
+  }
   v1::SchedulerInfo* scheduler = response->mutable_scheduler();
   scheduler->set_max_step_tokens(static_cast<uint32_t>(state_->options().max_step_tokens));
   scheduler->set_max_queued_requests(static_cast<uint32_t>(state_->options().max_queued_requests));
   scheduler->set_default_max_new_tokens(kDefaultMaxNewTokens);
+  scheduler->set_default_max_queue_seconds(state_->options().default_max_queue_seconds);
   if (const Engine* engine = state_->engine(); engine != nullptr) {
     const EngineStats stats = engine->Stats();
     scheduler->set_num_running_requests(static_cast<uint32_t>(stats.num_running));
-    scheduler->set_num_waiting_requests(static_cast<uint32_t>(stats.num_queued));
+    // Not running: never admitted, preempted, or waiting for an adapter (as the metrics count).
+    scheduler->set_num_waiting_requests(static_cast<uint32_t>(stats.num_waiting));
   }
   return FinishUnary(context, grpc::Status::OK);
 }

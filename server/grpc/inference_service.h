@@ -6,14 +6,22 @@
 
 #include "loraserve/v1/inference.grpc.pb.h"
 #include "server/drain.h"
+#include "server/grpc/auth.h"
+#include "server/metrics/metrics.h"
 #include "server/server_state.h"
 
 namespace ls {
 
-// Thread-safe; `state` and `gate` must outlive the service.
+// Thread-safe; `state`, `gate` and `auth` must outlive the service.
 class InferenceService final : public loraserve::v1::Inference::CallbackService {
  public:
-  InferenceService(const ServerState* state, DrainGate* gate) : state_(state), gate_(gate) {}
+  // `auth` decides who may generate with which adapter (server/grpc/auth.h).
+  InferenceService(const ServerState* state, DrainGate* gate, const Authorizer* auth)
+      : state_(state), gate_(gate), auth_(auth) {}
+
+  // Generation requests are recorded in `metrics` (must outlive the service); call before the
+  // service is registered. Without it nothing is recorded.
+  void SetMetrics(Metrics* metrics) { metrics_ = metrics; }
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const loraserve::v1::GenerateRequest* request,
@@ -39,6 +47,8 @@ class InferenceService final : public loraserve::v1::Inference::CallbackService 
 
   const ServerState* state_;
   DrainGate* gate_;
+  const Authorizer* auth_;
+  Metrics* metrics_ = nullptr;
 };
 
 }  // namespace ls

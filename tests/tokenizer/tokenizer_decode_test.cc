@@ -209,6 +209,36 @@ TEST(DecoderChainTest, ByteFallbackRuns) {
   EXPECT_EQ(DecodeWith(kByteFallback, {}), "");
 }
 
+// TokenBytes (logprob entries): one token's bytes, the partial UTF-8 of byte tokens kept raw.
+TEST(DetokenizerTest, TokenBytesKeepsPartialCharacters) {
+  absl::StatusOr<Built> level = Build({"ĠðŁ", "ĺ", "Ġhello"}, kByteLevel);
+  ASSERT_TRUE(level.ok()) << level.status();
+  EXPECT_EQ(level->detok->TokenBytes(level->ids[0]), " \xF0\x9F");
+  EXPECT_EQ(level->detok->TokenBytes(level->ids[1]), "\x98");
+  EXPECT_EQ(level->detok->TokenBytes(level->ids[2]), " hello");
+  EXPECT_EQ(level->detok->TokenPiece(level->ids[0]), "ĠðŁ");
+  EXPECT_EQ(level->detok->TokenBytes(-1), "");
+  EXPECT_EQ(level->detok->TokenPiece(1 << 20), "");
+  // Decode of the same lone token repairs the cut character instead.
+  EXPECT_EQ(level->detok->Decode({level->ids[1]}, false), "\uFFFD");
+
+  absl::StatusOr<Built> fallback = Build({"<0xe6>", "x"}, kByteFallback);
+  ASSERT_TRUE(fallback.ok()) << fallback.status();
+  EXPECT_EQ(fallback->detok->TokenBytes(fallback->ids[0]), "\xE6");
+  EXPECT_EQ(fallback->detok->TokenBytes(fallback->ids[1]), "x");
+
+  // SentencePiece layout: "▁the" reads " the" after other text, though Decode alone strips it.
+  absl::StatusOr<Built> sp = Build({"a", "▁the", "<0xE6>"},
+                                   R"({"type":"Sequence","decoders":[
+                                       {"type":"Replace","pattern":{"String":"▁"},"content":" "},
+                                       {"type":"ByteFallback"},{"type":"Fuse"},
+                                       {"type":"Strip","content":" ","start":1,"stop":0}]})");
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  EXPECT_EQ(sp->detok->Decode({sp->ids[1]}, false), "the");
+  EXPECT_EQ(sp->detok->TokenBytes(sp->ids[1]), " the");
+  EXPECT_EQ(sp->detok->TokenBytes(sp->ids[2]), "\xE6");
+}
+
 TEST(DecoderChainTest, Replace) {
   EXPECT_EQ(
       DecodeWith(R"({"type":"Replace","pattern":{"String":"aa"},"content":"b"})", {"aaa", "aaaa"}),

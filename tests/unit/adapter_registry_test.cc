@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -27,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
@@ -1021,6 +1023,305 @@ TEST_F(AdapterRegistryTest, LoadsRacingUnloads) {
   EXPECT_EQ(stats.pool_used_pages_bytes, 0u);
   EXPECT_EQ(stats.host_bytes, 0u);
   EXPECT_EQ(stats.live_versions, 0);
+}
+
+// ---- Delete, served counts, load on demand ----------------------------------------------------
+
+TEST_F(AdapterRegistryTest, DeleteRefusesEnabledWithoutForceAndRemovesFilesAfterTheLastRef) {
+  Add("d", kAttn);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(4096, 64));
+  ASSERT_NE(registry, nullptr);
+  AdapterRef ref = AcquireResident(*registry, "d");
+  const uint64_t hash = HashTable(*ref.groups());
+
+  absl::StatusOr<AdapterDeleteResult> refused = registry->Delete("d", /*force=*/false);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), HasSubstr("enabled"));
+  EXPECT_TRUE(Exists(root_.path() + "/d/adapter_model.safetensors"));
+
+  absl::StatusOr<AdapterDeleteResult> deleted = registry->Delete("d", /*force=*/true);
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_EQ(deleted->info.state, AdapterState::kDisabled);
+  EXPECT_GT(deleted->freed_disk_bytes, 0u);
+  // The id is gone at once: no directory under its name, NOT_FOUND everywhere.
+  EXPECT_FALSE(Exists(root_.path() + "/d"));
+  EXPECT_EQ(registry->Acquire("d").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry->Get("d").status().code(), absl::StatusCode::kNotFound);
+  absl::StatusOr<std::vector<AdapterInfo>> list = registry->List();
+  ASSERT_TRUE(list.ok());
+  EXPECT_TRUE(list->empty());
+  // The in-flight request keeps its bytes; the renamed-away files wait for it.
+  EXPECT_EQ(HashTable(*ref.groups()), hash);
+  bool trash_present = false;
+  for (const auto& e : std::filesystem::directory_iterator(root_.path())) {
+    trash_present |= absl::StartsWith(e.path().filename().string(), ".deleted-d-");
+  }
+  EXPECT_TRUE(trash_present);
+  ref.Reset();
+  const absl::Time deadline = Soon();
+  while (absl::Now() < deadline && !std::filesystem::is_empty(root_.path())) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(root_.path()));
+  EXPECT_EQ(WaitDrained(*registry).live_versions, 0);
+
+  // A new directory under the old name is a new adapter (what an upload does).
+  Add("d", kLayers1);
+  AdapterRef again = AcquireResident(*registry, "d");
+  EXPECT_EQ(again.version(), Want(kLayers1).version);
+}
+
+TEST_F(AdapterRegistryTest, DeleteOfADisabledIdNeedsNoForce) {
+  Add("e", kAttn);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(4096, 64));
+  ASSERT_NE(registry, nullptr);
+  ASSERT_TRUE(registry->Unload("e").ok());
+  absl::StatusOr<AdapterDeleteResult> deleted = registry->Delete("e", /*force=*/false);
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_TRUE(std::filesystem::is_empty(root_.path()));
+  EXPECT_EQ(registry->Delete("e", true).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry->Delete("../e", true).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(AdapterRegistryTest, UnloadOfAPinnedIdNeedsForce) {
+  Add("p", kAttn);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(4096, 64));
+  ASSERT_NE(registry, nullptr);
+  ASSERT_TRUE(registry->Pin("p", Soon()).ok());
+  absl::Status refused = registry->Unload("p", /*force=*/false);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.message(), HasSubstr("pinned"));
+  EXPECT_EQ(Info(*registry, "p").state, AdapterState::kResident);
+  ASSERT_TRUE(registry->Unload("p", /*force=*/true).ok());
+  EXPECT_EQ(Info(*registry, "p").state, AdapterState::kDisabled);
+  EXPECT_EQ(Info(*registry, "p").pins, 0);
+}
+
+TEST_F(AdapterRegistryTest, RequestsServedCountsDroppedRequestRefsNotPins) {
+  Add("s", kAttn);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(4096, 64));
+  ASSERT_NE(registry, nullptr);
+  ASSERT_TRUE(registry->Pin("s", Soon()).ok());
+  EXPECT_EQ(Info(*registry, "s").requests_served, 0u);
+  for (int i = 0; i < 3; ++i) Touch(*registry, "s");
+  AdapterRef held = AcquireResident(*registry, "s");
+  EXPECT_EQ(Info(*registry, "s").requests_served, 3u);
+  held.CountTokens(5);
+  AdapterRef moved = std::move(held);  // the count travels with the ref
+  moved.CountTokens(2);
+  moved.Reset();
+  AdapterInfo info = Info(*registry, "s");
+  EXPECT_EQ(info.requests_served, 4u);
+  EXPECT_EQ(info.tokens_served, 7u);
+  EXPECT_EQ(info.last_loaded_version, Want(kAttn).version);
+}
+
+TEST_F(AdapterRegistryTest, WithoutLoadOnDemandOnlyOperatorLoadedIdsAreServed) {
+  Add("x", kAttn);
+  Add("y", kLayers1);
+  AdapterRegistryOptions options = PoolOptions(4096, 64);
+  options.load_on_demand = false;
+  std::unique_ptr<AdapterRegistry> registry = Make(options);
+  ASSERT_NE(registry, nullptr);
+  EXPECT_TRUE(registry->RegisterAll().empty());
+  absl::StatusOr<AdapterRef> refused = registry->Acquire("x");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(refused.status().message(), HasSubstr("--load_on_demand"));
+  ASSERT_TRUE(registry->Load("x", Soon()).ok());
+  AdapterRef ref = AcquireResident(*registry, "x");
+  EXPECT_EQ(ref.version(), Want(kAttn).version);
+  EXPECT_EQ(registry->Acquire("y").status().code(), absl::StatusCode::kNotFound);
+  ref.Reset();
+  // Unload takes the admission back; Load gives it again.
+  ASSERT_TRUE(registry->Unload("x").ok());
+  ASSERT_TRUE(registry->Load("x", Soon()).ok());
+  EXPECT_TRUE(registry->Acquire("x").ok());
+}
+
+// ---- The last load's record (GetAdapter's last_load_report)
+// ---------------------------------------
+
+TEST_F(AdapterRegistryTest, LastLoadRecordsEveryLoadSuccessfulOrNot) {
+  Add("r", kAttn);
+  const std::string good_config = ReadFile(absl::StrCat(root_.path(), "/r/", kAdapterConfigFile));
+  const std::string bad_config =
+      absl::StrReplaceAll(good_config, {{"\"use_dora\": false", "\"use_dora\": true"}});
+  ASSERT_NE(bad_config, good_config);
+  Replace("r", kAttn, bad_config);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(4096, 64));
+  ASSERT_NE(registry, nullptr);
+  EXPECT_EQ(Info(*registry, "r").last_load, nullptr);  // never loaded here
+
+  // A failed load (asked for by a request) is recorded with its error and no version.
+  {
+    absl::StatusOr<AdapterRef> ref = registry->Acquire("r");
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    EXPECT_EQ(registry->WaitResident(*ref, Soon()).code(), absl::StatusCode::kInvalidArgument);
+  }
+  AdapterInfo info = Info(*registry, "r");
+  ASSERT_NE(info.last_load, nullptr);
+  EXPECT_EQ(info.last_load->status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(info.last_load->status.message(), HasSubstr("use_dora"));
+  EXPECT_EQ(info.last_load->version, "");
+  EXPECT_EQ(info.last_load->report, nullptr);
+  EXPECT_GT(info.last_load->seconds, 0.0);
+
+  // The fixed files: a success replaces the record (nothing was READY before: no previous).
+  Replace("r", kAttn);
+  ASSERT_TRUE(registry->Load("r", Soon()).ok());
+  info = Info(*registry, "r");
+  ASSERT_NE(info.last_load, nullptr);
+  EXPECT_TRUE(info.last_load->status.ok());
+  EXPECT_EQ(info.last_load->version, Want(kAttn).version);
+  EXPECT_EQ(info.last_load->previous_version, "");
+  EXPECT_FALSE(info.last_load->unchanged);
+  ASSERT_NE(info.last_load->report, nullptr);
+  EXPECT_EQ(info.last_load->report->r, 4);
+
+  // A reload of the same files: unchanged. Of new files: the previous version is named.
+  ASSERT_TRUE(registry->Reload("r", Soon()).ok());
+  info = Info(*registry, "r");
+  EXPECT_TRUE(info.last_load->unchanged);
+  EXPECT_EQ(info.last_load->version, Want(kAttn).version);
+  Replace("r", kLayers1);
+  ASSERT_TRUE(registry->Reload("r", Soon()).ok());
+  info = Info(*registry, "r");
+  EXPECT_FALSE(info.last_load->unchanged);
+  EXPECT_EQ(info.last_load->version, Want(kLayers1).version);
+  EXPECT_EQ(info.last_load->previous_version, Want(kAttn).version);
+
+  // A reload that fails leaves the id serving, and is still the last load.
+  Replace("r", kAttn, bad_config);
+  EXPECT_EQ(registry->Reload("r", Soon()).status().code(), absl::StatusCode::kInvalidArgument);
+  info = Info(*registry, "r");
+  EXPECT_EQ(info.state, AdapterState::kResident);
+  EXPECT_EQ(info.version, Want(kLayers1).version);
+  EXPECT_EQ(info.last_load->status.code(), absl::StatusCode::kInvalidArgument);
+
+  // After an Unload, the next load has nothing READY to compare with.
+  Replace("r", kLayers1);
+  ASSERT_TRUE(registry->Unload("r").ok());
+  ASSERT_TRUE(registry->Load("r", Soon()).ok());
+  info = Info(*registry, "r");
+  EXPECT_TRUE(info.last_load->status.ok());
+  EXPECT_FALSE(info.last_load->unchanged);
+  EXPECT_EQ(info.last_load->previous_version, "");
+}
+
+TEST_F(AdapterRegistryTest, LastLoadOfAnAdapterLargerThanThePoolKeepsItsReport) {
+  Add("big", kAllLinear);
+  const size_t page = Round256(Want(kAttn).packed_bytes);
+  std::unique_ptr<AdapterRegistry> registry = Make(PoolOptions(page, 1));
+  ASSERT_NE(registry, nullptr);
+  EXPECT_EQ(registry->Load("big", Soon()).status().code(), absl::StatusCode::kResourceExhausted);
+  const AdapterInfo info = Info(*registry, "big");
+  ASSERT_NE(info.last_load, nullptr);
+  EXPECT_EQ(info.last_load->status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(info.last_load->version, "");
+  ASSERT_NE(info.last_load->report, nullptr);
+  EXPECT_EQ(info.last_load->report->packed_bytes, Want(kAllLinear).packed_bytes);
+}
+
+// ---- The adapter_load_pause failpoint (docs/adapters.md, "Testing")
+// --------------------------------
+
+// Sets LORASERVE_FAILPOINTS for the registries made while it lives (read at creation).
+class ScopedFailpoints {
+ public:
+  explicit ScopedFailpoints(const std::string& value) {
+    ::setenv("LORASERVE_FAILPOINTS", value.c_str(), 1);
+  }
+  ~ScopedFailpoints() { ::unsetenv("LORASERVE_FAILPOINTS"); }
+};
+
+TEST_F(AdapterRegistryTest, LoadPauseFailpointHoldsLoadsWhileItsFileExists) {
+  Add("resident", kAttn);
+  Add("held", kLayers1);
+  Add("held2", kAllLinear);
+  TempDir scratch;
+  const std::string pause = scratch.path() + "/pause";
+  std::unique_ptr<AdapterRegistry> registry;
+  {
+    ScopedFailpoints failpoints(absl::StrCat("adapter_load_pause=", pause));
+    registry = Make(PoolOptions(4096, 64));
+  }
+  ASSERT_NE(registry, nullptr);
+  // Without the file, loads run as usual.
+  AdapterRef resident = AcquireResident(*registry, "resident");
+
+  WriteFile(pause, "");
+  absl::StatusOr<AdapterRef> held = registry->Acquire("held");
+  absl::StatusOr<AdapterRef> held2 = registry->Acquire("held2");
+  ASSERT_TRUE(held.ok() && held2.ok());
+  absl::SleepFor(absl::Milliseconds(300));
+  // Both loader threads are held; the engine's calls still answer at once, and a resident
+  // adapter is still served.
+  const absl::Time before = absl::Now();
+  EXPECT_EQ(registry->TryMakeResident(*held, Soon()).value_or(true), false);
+  EXPECT_EQ(registry->TryMakeResident(*held2, Soon()).value_or(true), false);
+  absl::StatusOr<AdapterRef> again = registry->Acquire("resident");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(registry->TryMakeResident(*again, Soon()).value_or(false), true);
+  EXPECT_EQ(HashTable(*again->groups()), Want(kAttn).hash);
+  EXPECT_LT(absl::Now() - before, absl::Seconds(2));  // the load is held far longer
+  EXPECT_EQ(Info(*registry, "held").state, AdapterState::kLoading);
+  EXPECT_EQ(registry->Stats().loading_versions, 2);
+  // An operator's Load waits for the paused load, up to its deadline.
+  EXPECT_EQ(registry->Load("held", absl::Now() + absl::Milliseconds(50)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+
+  ASSERT_EQ(::unlink(pause.c_str()), 0);
+  ASSERT_TRUE(registry->WaitResident(*held, Soon()).ok());
+  ASSERT_TRUE(registry->WaitResident(*held2, Soon()).ok());
+  EXPECT_EQ(HashTable(*held->groups()), Want(kLayers1).hash);
+  EXPECT_EQ(HashTable(*held2->groups()), Want(kAllLinear).hash);
+
+  // A registry destroyed while a load is paused does not wait for the file.
+  WriteFile(pause, "");
+  ASSERT_TRUE(registry->Unload("held").ok());
+  held->Reset();
+  EXPECT_EQ(registry->Load("held", absl::Now() + absl::Milliseconds(50)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(Info(*registry, "held").state, AdapterState::kLoading);
+  held2->Reset();
+  resident.Reset();
+  again->Reset();
+  const absl::Time stopping = absl::Now();
+  registry.reset();
+  EXPECT_LT(absl::Now() - stopping, absl::Seconds(5));
+}
+
+TEST_F(AdapterRegistryTest, RequestsDuringADeleteDoNotBringTheIdBack) {
+  Add("d", kAttn);
+  TempDir scratch;
+  const std::string pause = scratch.path() + "/pause";
+  std::unique_ptr<AdapterRegistry> registry;
+  {
+    ScopedFailpoints failpoints(absl::StrCat("adapter_load_pause=", pause));
+    registry = Make(PoolOptions(4096, 64));
+  }
+  ASSERT_NE(registry, nullptr);
+  WriteFile(pause, "");
+  absl::StatusOr<AdapterRef> early = registry->Acquire("d");  // its load is held
+  ASSERT_TRUE(early.ok()) << early.status();
+  absl::StatusOr<AdapterDeleteResult> deleted = absl::UnknownError("not run");
+  std::thread deleter([&] { deleted = registry->Delete("d", /*force=*/true, Soon()); });
+  // Delete waits for the held load with the directory still in place; meanwhile the id is gone
+  // for new requests and Get (a request must not re-register it from the directory).
+  const absl::Time deadline = Soon();
+  while (registry->Get("d").ok() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_TRUE(Exists(absl::StrCat(root_.path(), "/d")));
+  EXPECT_EQ(registry->Acquire("d").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry->Get("d").status().code(), absl::StatusCode::kNotFound);
+  ASSERT_EQ(::unlink(pause.c_str()), 0);
+  deleter.join();
+  ASSERT_TRUE(deleted.ok()) << deleted.status();
+  EXPECT_FALSE(Exists(absl::StrCat(root_.path(), "/d")));
+  EXPECT_EQ(registry->Acquire("d").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry->Get("d").status().code(), absl::StatusCode::kNotFound);
+  // The request admitted before the Delete is served from the load it was waiting for.
+  ASSERT_TRUE(registry->WaitResident(*early, Soon()).ok());
+  EXPECT_EQ(HashTable(*early->groups()), Want(kAttn).hash);
 }
 
 }  // namespace

@@ -76,9 +76,15 @@ class CollectSink : public RequestSink {
     cancel_ = std::move(cancel);
   }
 
-  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text) override {
+  void OnTokens(absl::Span<const int32_t> ids, absl::string_view text,
+                const SampleResult* sample) override {
     MutexLock lock(&mu_);
     EXPECT_FALSE(finished_) << "tokens after OnFinish";
+    // A sampled token always comes with its result; the final flush never does.
+    EXPECT_EQ(ids.size(), sample != nullptr ? 1u : 0u);
+    if (sample != nullptr) {
+      EXPECT_EQ(sample->token_id, ids[0]);
+    }
     tokens_.insert(tokens_.end(), ids.begin(), ids.end());
     text_.append(text.data(), text.size());
     if (cancel_ != nullptr && cancel_after_ > 0 &&
@@ -495,6 +501,40 @@ TEST_F(EngineTest, QueueFullIsResourceExhausted) {
   EXPECT_EQ(c->finish_calls(), 0);
   ASSERT_TRUE(Submit(spec, c).ok());  // room again
   EXPECT_EQ(c->Wait().reason, EngineFinishReason::kLength);
+}
+
+// max_queue_seconds: a request still waiting for its first step at its queue deadline ends
+// with RESOURCE_EXHAUSTED; others run as usual.
+TEST_F(EngineTest, QueueDeadlineEndsWaitingRequests) {
+  MakeEngine(64, 4, SmallSteps());
+  Spec spec;
+  spec.prompt = {3, 4, 5};
+  spec.max_new = 4;
+  spec.ignore_eos = true;
+  Reference(&spec);
+  const auto submit = [&](absl::Time queue_deadline, std::shared_ptr<CollectSink> sink) {
+    EngineRequest request;
+    request.prompt_token_ids = spec.prompt;
+    request.sampling = Params(spec);
+    request.queue_deadline = queue_deadline;
+    return engine_->Submit(std::move(request), std::move(sink));
+  };
+  auto expired = std::make_shared<CollectSink>();
+  auto generous = std::make_shared<CollectSink>();
+  auto unlimited = std::make_shared<CollectSink>();
+  ASSERT_TRUE(submit(absl::Now() + absl::Milliseconds(20), expired).ok());
+  ASSERT_TRUE(submit(absl::Now() + absl::Hours(1), generous).ok());
+  ASSERT_TRUE(submit(absl::InfiniteFuture(), unlimited).ok());
+  absl::SleepFor(absl::Milliseconds(50));  // the engine has not started: all three still wait
+  ASSERT_TRUE(engine_->Start().ok());
+  const EngineResult result = expired->Wait();
+  EXPECT_EQ(result.reason, EngineFinishReason::kError);
+  EXPECT_EQ(result.status.code(), absl::StatusCode::kResourceExhausted) << result.status;
+  EXPECT_TRUE(expired->tokens().empty());
+  EXPECT_EQ(generous->Wait().reason, EngineFinishReason::kLength);
+  EXPECT_EQ(unlimited->Wait().reason, EngineFinishReason::kLength);
+  EXPECT_EQ(generous->tokens(), spec.want);
+  EXPECT_EQ(unlimited->tokens(), spec.want);
 }
 
 TEST_F(EngineTest, MaxTokensAndStopTokenIds) {

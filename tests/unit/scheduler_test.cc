@@ -300,6 +300,36 @@ TEST(SchedulerTest, NoStarvationOfQuietAdapter) {
   }
 }
 
+TEST(SchedulerTest, HigherPriorityAdmittedFirstAcrossAndWithinKeys) {
+  // One running slot: the admission order is the order requests start.
+  auto s = Make(256, 4, 64, 8, /*max_running=*/1);
+  auto add = [&](RequestId id, AdapterKey key, int32_t priority) {
+    NewRequest r{id, key, 8, 1};
+    r.priority = priority;
+    ASSERT_TRUE(s->Add(r).ok());
+  };
+  add(1, 0, 0);   // base, normal
+  add(2, 7, -5);  // A, low
+  add(3, 7, 10);  // A, high: jumps ahead of 2 within A
+  add(4, 9, 10);  // B, high
+  add(5, 0, 50);  // base, highest
+  add(6, 9, 0);   // B, normal
+  Driver d(*s);
+  std::vector<RequestId> order;
+  for (int step = 0; step < 40 && order.size() < 6; ++step) {
+    for (RequestId id : d.Step().admitted) order.push_back(id);
+  }
+  // 5 (50); then 3 and 4 (10; round robin between keys A and B); then 1 and 6 (0); then 2.
+  ASSERT_EQ(order.size(), 6u);
+  EXPECT_EQ(order[0], 5u);
+  EXPECT_EQ(std::vector<RequestId>(order.begin() + 1, order.begin() + 3),
+            (std::vector<RequestId>{3, 4}));
+  std::vector<RequestId> normal(order.begin() + 3, order.begin() + 5);
+  std::sort(normal.begin(), normal.end());
+  EXPECT_EQ(normal, (std::vector<RequestId>{1, 6}));
+  EXPECT_EQ(order[5], 2u);
+}
+
 TEST(SchedulerTest, DropFreesBlocks) {
   auto s = Make(16, 4, 64);
   AddReq(*s, 1, 0, 10, 5);
