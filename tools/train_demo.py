@@ -16,8 +16,12 @@ during training, so it scores near zero on them; each adapter learns one.
 Status (work in progress, issue 8): the pipeline runs end to end (tokenizer, base model, four
 adapters, HF/PEFT files, model card), but with the settings below the adapters do not learn
 their tasks yet: after 500 steps every task scores under 5 % (a full fine-tune of the reverse
-task for 300 steps scored 2 %), so the training recipe (steps, learning rate, curriculum,
-model size) still has to be found before models/demo/ is committed.
+task for 300 steps scored 2 %; a rank-8 attention LoRA for 2000 steps at 3e-3 reached loss
+2.65 and 0 %), so the training recipe still has to be found before models/demo/ is committed.
+The likely cause: the base corpus has no repeated spans, so the base model never forms the
+copying (induction) heads every task needs, and a low-rank update cannot build them. Next try:
+add copy-shaped lines to the base corpus in a different format (e.g. "words: a b c. again: a b
+c.") and word/capital pairs, so the adapters only learn each task's mapping.
 
 Everything is generated here (no downloaded data), so the model and adapters can be shipped
 under the project's licence. Seeded: a rerun on the same machine and package versions gives the
