@@ -22,6 +22,7 @@
 #include "google/protobuf/util/time_util.h"
 #include "server/adapters/upload.h"
 #include "server/grpc/auth.h"
+#include "server/grpc/proto_types.h"
 #include "server/grpc/reactors.h"
 #include "server/grpc/rpc_status.h"
 #include "server/grpc/status_mapping.h"
@@ -89,19 +90,6 @@ absl::string_view CodeName(grpc::StatusCode code) {
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return google::protobuf::util::TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
-}
-
-v1::DType ToProtoDType(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return v1::DTYPE_F32;
-    case DType::kF16:
-      return v1::DTYPE_F16;
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-    default:
-      return v1::DTYPE_UNSPECIFIED;
-  }
 }
 
 // The proto's module order (the forward pass): embed_tokens, q .. down, lm_head.

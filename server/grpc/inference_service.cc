@@ -20,6 +20,7 @@
 #include "common/mutex.h"
 #include "common/status.h"
 #include "server/build_info.h"
+#include "server/grpc/proto_types.h"
 #include "server/grpc/reactors.h"
 #include "server/grpc/rpc_status.h"
 #include "server/grpc/status_mapping.h"
@@ -36,21 +37,6 @@ constexpr int kMaxStopStrings = 16;
 constexpr size_t kMaxStopStringBytes = 256;
 // max_new_tokens when a request leaves it unset (reported as SchedulerInfo's default).
 constexpr uint32_t kDefaultMaxNewTokens = 256;
-
-v1::DType ToProtoDType(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return v1::DTYPE_F32;
-    case DType::kF16:
-      return v1::DTYPE_F16;
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-    case DType::kF64:
-      return v1::DTYPE_F64;
-    default:
-      return v1::DTYPE_UNSPECIFIED;
-  }
-}
 
 void FillServerInfo(const ServerState& state, v1::ServerInfo* out) {
   out->set_version(kVersion);
@@ -860,6 +846,18 @@ void RecordRejected(Metrics* metrics, const grpc::Status& status, absl::Time arr
   metrics->RecordGeneration(r);
 }
 
+// Everything Generate and GenerateStream check before Submit: the request id, the caller's
+// key (before the adapter is looked up, so a refusal never tells whether it exists), then the
+// request itself.
+absl::Status AdmitGenerate(const ServerState& state, const Authorizer& auth,
+                           grpc::CallbackServerContext* context, const v1::GenerateRequest& request,
+                           std::shared_ptr<std::atomic<bool>> cancelled,
+                           PreparedGenerate* prepared) {
+  LS_RETURN_IF_ERROR(SetRequestId(context, request, prepared));
+  LS_RETURN_IF_ERROR(FromGrpcStatus(auth.CheckInference(*context, request.adapter_id(), nullptr)));
+  return PrepareGenerate(state, request, DeadlineOf(context), std::move(cancelled), prepared);
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext* context,
@@ -876,15 +874,7 @@ grpc::ServerUnaryReactor* InferenceService::Generate(grpc::CallbackServerContext
   PreparedGenerate prepared;
   prepared.arrival = arrival;
   prepared.metrics = metrics_;
-  absl::Status status = SetRequestId(context, *request, &prepared);
-  // The caller's key must allow the adapter; checked before the adapter is looked up, so a
-  // refusal never tells whether it exists.
-  if (status.ok()) {
-    status = FromGrpcStatus(auth_->CheckInference(*context, request->adapter_id(), nullptr));
-  }
-  if (status.ok()) {
-    status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
-  }
+  absl::Status status = AdmitGenerate(*state_, *auth_, context, *request, cancelled, &prepared);
   if (!status.ok()) {
     RecordRejected(metrics_, ToGrpcStatus(status), arrival);
     reactor->Finish(ToGrpcStatus(status));
@@ -919,15 +909,7 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* InferenceService::GenerateStream(
   PreparedGenerate prepared;
   prepared.arrival = arrival;
   prepared.metrics = metrics_;
-  absl::Status status = SetRequestId(context, *request, &prepared);
-  // The caller's key must allow the adapter; checked before the adapter is looked up, so a
-  // refusal never tells whether it exists.
-  if (status.ok()) {
-    status = FromGrpcStatus(auth_->CheckInference(*context, request->adapter_id(), nullptr));
-  }
-  if (status.ok()) {
-    status = PrepareGenerate(*state_, *request, DeadlineOf(context), cancelled, &prepared);
-  }
+  absl::Status status = AdmitGenerate(*state_, *auth_, context, *request, cancelled, &prepared);
   if (!status.ok()) {
     RecordRejected(metrics_, ToGrpcStatus(status), arrival);
     reactor->Refuse(ToGrpcStatus(status));
